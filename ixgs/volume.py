@@ -1,0 +1,108 @@
+"""A 3D image with its LPS geometry, and atomic file writing.
+
+Every file the engine writes goes through :func:`atomic_path` so a crash or a refusal never
+leaves a half-written file behind.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .geometry import Grid
+
+
+@dataclass
+class Volume:
+    """``array`` indexed [k, j, i] (z, y, x); ``origin`` the LPS centre of voxel (0,0,0) in mm;
+    ``spacing`` (sx, sy, sz) in mm; ``direction`` 3x3 with the i, j, k axes as columns."""
+
+    array: np.ndarray
+    origin: tuple[float, float, float]
+    spacing: tuple[float, float, float]
+    direction: np.ndarray = field(default_factory=lambda: np.eye(3))
+
+    @classmethod
+    def on_grid(cls, array: np.ndarray, grid: Grid) -> "Volume":
+        if tuple(array.shape) != tuple(grid.shape):
+            raise ValueError(f"array shape {array.shape} does not match grid shape {grid.shape}")
+        return cls(np.asarray(array), tuple(grid.origin), tuple(grid.spacing))
+
+    @property
+    def grid(self) -> Grid:
+        """The axis-aligned grid of this volume (only meaningful for an identity direction)."""
+        return Grid(tuple(self.array.shape), tuple(self.origin), tuple(self.spacing))
+
+    def to_sitk(self) -> sitk.Image:
+        image = sitk.GetImageFromArray(np.ascontiguousarray(self.array))
+        image.SetOrigin([float(o) for o in self.origin])
+        image.SetSpacing([float(s) for s in self.spacing])
+        image.SetDirection([float(d) for d in np.asarray(self.direction, float).ravel()])
+        return image
+
+    @classmethod
+    def from_sitk(cls, image: sitk.Image) -> "Volume":
+        if image.GetDimension() != 3:
+            raise ValueError(f"expected a 3D image, got {image.GetDimension()}D")
+        return cls(
+            sitk.GetArrayFromImage(image),
+            tuple(image.GetOrigin()),
+            tuple(image.GetSpacing()),
+            np.asarray(image.GetDirection(), float).reshape(3, 3),
+        )
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> "Volume":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such volume file")
+        try:
+            image = sitk.ReadImage(str(path))
+        except RuntimeError as error:
+            raise ValueError(f"{path}: cannot be read as an image ({str(error).strip().splitlines()[-1]})") from None
+        try:
+            return cls.from_sitk(image)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
+
+    def write(self, path: str | os.PathLike, compress: bool = True) -> None:
+        write_image(self.to_sitk(), path, compress)
+
+
+def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = True) -> None:
+    """Write any SimpleITK image atomically (format from the suffix)."""
+    with atomic_path(path) as temporary:
+        sitk.WriteImage(image, str(temporary), compress)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary sibling path with the same suffixes; rename it onto ``path`` on success.
+
+    Works for files and folders; an existing target is replaced only after the new one is complete.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes)
+    stem = path.name[: len(path.name) - len(suffix)] if suffix else path.name
+    handle, temporary = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".partial{suffix}", dir=path.parent)
+    os.close(handle)
+    os.unlink(temporary)
+    temporary = Path(temporary)
+    try:
+        yield temporary
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        os.replace(temporary, path)
+    except BaseException:
+        if temporary.is_dir():
+            shutil.rmtree(temporary, ignore_errors=True)
+        elif temporary.exists():
+            temporary.unlink()
+        raise
