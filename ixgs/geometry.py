@@ -103,6 +103,17 @@ class Grid:
         z, y, x = np.meshgrid(axes[2], axes[1], axes[0], indexing="ij")
         return np.stack([x, y, z], axis=-1)
 
+    def padded(self, pad_voxels: tuple[int, int, int]) -> "Grid":
+        """The same lattice grown by ``pad_voxels`` (x, y, z) on every side; crop back with :meth:`inner`."""
+        pad = np.asarray(pad_voxels, int)
+        shape = tuple(int(n + 2 * p) for n, p in zip(self.shape, pad[::-1]))
+        origin = tuple(np.asarray(self.origin) - pad * np.asarray(self.spacing))
+        return Grid(shape, origin, self.spacing)
+
+    def inner(self, pad_voxels: tuple[int, int, int]) -> tuple[slice, slice, slice]:
+        """Array slices (z, y, x) of this grid that hold the grid it was padded from."""
+        return tuple(slice(p, n - p) for n, p in zip(self.shape, tuple(pad_voxels)[::-1]))
+
     @property
     def roi(self) -> Roi:
         spacing = np.asarray(self.spacing)
@@ -195,14 +206,21 @@ def common_field_of_view(projection_matrices: list[np.ndarray], shapes: list[tup
     return found
 
 
+def views_seeing(projection_matrices, shapes, points: np.ndarray, point_in_front) -> np.ndarray:
+    """For world points (..., 3), how many views see each: in front of the source and inside the image."""
+    points = np.asarray(points, float)
+    count = np.zeros(points.shape[:-1], dtype=np.int32)
+    for P, (rows, cols) in zip(projection_matrices, shapes):
+        uvw = project_points(normalize_projection_matrix(P, point_in_front), points)
+        count += ((uvw[..., 2] > 0) & (uvw[..., 0] >= -0.5) & (uvw[..., 0] <= cols - 0.5)
+                  & (uvw[..., 1] >= -0.5) & (uvw[..., 1] <= rows - 0.5))
+    return count
+
+
 def _seen_box(projection_matrices, shapes, point_in_front, grid: Grid) -> Roi | None:
     """Bounding box of the grid's voxel centres that project inside every image."""
     points = grid.voxel_centers().reshape(-1, 3)
-    seen = np.ones(len(points), dtype=bool)
-    for P, (rows, cols) in zip(projection_matrices, shapes):
-        uvw = project_points(normalize_projection_matrix(P, point_in_front), points)
-        seen &= (uvw[:, 2] > 0) & (uvw[:, 0] >= -0.5) & (uvw[:, 0] <= cols - 0.5)
-        seen &= (uvw[:, 1] >= -0.5) & (uvw[:, 1] <= rows - 0.5)
+    seen = views_seeing(projection_matrices, shapes, points, point_in_front) == len(projection_matrices)
     if not seen.any():
         return None
     inside = points[seen]

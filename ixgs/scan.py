@@ -23,7 +23,7 @@ from .geometry import (
     ras_to_lps_matrix,
     source_position,
 )
-from .volume import Volume, atomic_path
+from .volume import Volume, atomic_path, check_replaceable
 
 FORMAT = "ixgs.scan"
 VERSION = 1
@@ -176,8 +176,7 @@ def write_scan(
         raise ScanError(f"intensity must be one of {INTENSITIES}, got {intensity!r}")
     if len(images) != len(projection_matrices):
         raise ScanError(f"{len(images)} images but {len(projection_matrices)} projection matrices")
-    if path.exists() and any(path.iterdir()) and not (path / "scan.json").is_file():
-        raise ScanError(f"{path}: exists and is not a scan folder; refusing to overwrite")
+    check_replaceable(path, "scan.json", "a scan folder", ScanError)
     to_file = LPS_RAS_FLIP if world == "RAS" else np.eye(4)  # the flip is its own inverse
     views = []
     with atomic_path(path) as temporary:

@@ -81,6 +81,13 @@ def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = Tru
         sitk.WriteImage(image, str(temporary), compress)
 
 
+def check_replaceable(path: str | os.PathLike, marker: str, what: str, error: type[Exception] = ValueError) -> None:
+    """Refuse to replace an existing non-empty folder unless it holds ``marker`` (an earlier output of ours)."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / marker).is_file())):
+        raise error(f"{path}: exists and is not {what}; refusing to overwrite")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary sibling path with the same suffixes; rename it onto ``path`` on success.

@@ -1,0 +1,242 @@
+"""The ``ixgs`` command line: parses arguments and calls the engine, nothing more.
+
+Bad input ends with a one-line ``ixgs: error: ...`` on stderr and exit status 2; nothing is left
+half-written (every output is written to a temporary path and renamed).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from . import __version__
+
+EXIT_BAD_INPUT = 2
+EXIT_CANCELLED = 130
+
+
+class _ProgressPrinter:
+    """Engine progress as a tqdm bar on stderr, or as JSON lines on stdout (for the Slicer module)."""
+
+    def __init__(self, mode: str):
+        self.mode, self.bars = mode, {}
+
+    def __call__(self, progress) -> None:
+        if self.mode == "json":
+            record = {"stage": progress.stage, "iteration": progress.iteration, "total": progress.total,
+                      "loss": _finite_or_none(progress.loss), "elapsed_s": round(progress.elapsed_s, 3),
+                      "eta_s": _finite_or_none(progress.eta_s)}
+            print(json.dumps(record), flush=True)
+            return
+        if self.mode == "none":
+            return
+        bar = self.bars.get(progress.stage)
+        if bar is None:
+            bar = self.bars[progress.stage] = tqdm(total=progress.total, desc=progress.stage, unit="it",
+                                                   file=sys.stderr, dynamic_ncols=True)
+        bar.total = progress.total
+        bar.n = progress.iteration
+        bar.set_postfix(loss=f"{progress.loss:.4g}", refresh=False)
+        bar.refresh()
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
+def _finite_or_none(value: float):
+    return round(float(value), 6) if np.isfinite(value) else None
+
+
+def _roi_argument(values):
+    from .geometry import Roi
+
+    if values is None:
+        return None
+    center, size = values[:3], values[3:]
+    if min(size) <= 0:
+        raise ValueError(f"--roi: sizes must be positive, got {size}")
+    return Roi(tuple(center), tuple(size))
+
+
+def reconstruct_to_folder(scan_path: Path, out_dir: Path, settings, bone_threshold: float | None,
+                          progress_mode: str) -> dict:
+    """Read a scan, reconstruct it and write the output folder; returns the report."""
+    from .outputs import write_outputs
+    from .reconstruct import reconstruct
+    from .scan import read_scan
+    from .volume import check_replaceable
+    from .outputs import OUTPUT_MARKER
+
+    check_replaceable(out_dir, OUTPUT_MARKER, "an IXGS output folder")  # before minutes of work
+    scan = read_scan(scan_path)
+    printer = _ProgressPrinter(progress_mode)
+    try:
+        result = reconstruct(scan, settings, progress=printer)
+    finally:
+        printer.close()
+    report = {
+        "ixgs_version": __version__,
+        "scan": str(scan_path),
+        "settings": result.settings,
+        "device": result.device,
+        "elapsed_s": result.elapsed_s,
+        "stop_reason": result.stop_reason,
+        "gaussians": result.gaussians,
+        "grid": {"shape": list(result.volume.array.shape), "spacing_mm": list(result.volume.spacing),
+                 "origin_mm": list(result.volume.origin)},
+        "reprojection_psnr": result.reprojection_psnr,
+    }
+    return write_outputs(out_dir, scan, result.volume, report, bone_threshold, result.reprojections,
+                         result.loss_curve)
+
+
+def _settings_from(args):
+    from .reconstruct import ReconstructionSettings
+
+    settings = ReconstructionSettings(
+        method=args.method, preset=args.preset, iterations=args.iterations, voxel_size_mm=args.voxel_size,
+        init=args.init, device=args.device, seed=args.seed, time_budget_s=args.time_budget,
+        gaussians=args.gaussians, roi=_roi_argument(args.roi),
+        checkpoint=args.checkpoint, resume=args.resume)
+    settings.validate()
+    return settings
+
+
+def _cmd_reconstruct(args) -> int:
+    settings = _settings_from(args)
+    report = reconstruct_to_folder(Path(args.scan), Path(args.output), settings, args.bone_threshold, args.progress)
+    if args.progress != "json":
+        print(json.dumps(_summary(report, args.output), indent=1))
+    return 0
+
+
+def _summary(report: dict, output) -> dict:
+    summary = {"output": str(output), "elapsed_s": round(report["elapsed_s"], 1),
+               "stop_reason": report["stop_reason"], "bone_threshold": report["bone_threshold"]}
+    if "metrics" in report:
+        summary["metrics"] = report["metrics"]
+    if "warning" in report["coverage"]:
+        summary["coverage_warning"] = report["coverage"]["warning"]
+    return summary
+
+
+def _cmd_simulate(args) -> int:
+    from .phantom import default_roi, make_phantom
+    from .simulate import simulate_scan
+
+    phantom = make_phantom(args.phantom, seed=args.seed)
+    with tqdm(total=args.views, desc="simulate", unit="view", file=sys.stderr,
+              disable=args.progress == "none") as bar:
+        path = simulate_scan(phantom, args.output, n_views=args.views, detector_px=args.detector, seed=args.seed,
+                             transmission=args.transmission, roi=default_roi(args.phantom),
+                             progress=lambda done, total: bar.update(done - bar.n))
+    print(str(path))
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from .metrics import evaluate
+    from .volume import Volume
+
+    result = evaluate(Volume.read(args.reconstruction), Volume.read(args.reference), args.bone_threshold)
+    print(json.dumps(result))
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    """Simulate a spine scan, reconstruct it within a few minutes, and write everything to look at."""
+    from .phantom import default_roi, make_phantom
+    from .reconstruct import ReconstructionSettings
+    from .simulate import simulate_scan
+    from .volume import atomic_path
+
+    out = Path(args.output)
+    started = time.perf_counter()
+    with atomic_path(out) as temporary:
+        temporary.mkdir()
+        print(f"simulating a 20-view spine scan (seed {args.seed}) ...", file=sys.stderr)
+        scan_dir = simulate_scan(make_phantom("spine", seed=args.seed), temporary / "scan", n_views=20,
+                                 detector_px=128, seed=args.seed, roi=default_roi("spine"))
+        settings = ReconstructionSettings(preset="fast", seed=args.seed, time_budget_s=args.time_budget,
+                                          device=args.device)
+        report = reconstruct_to_folder(scan_dir, temporary / "reconstruction", settings, None, "bar")
+        summary = _summary(report, out / "reconstruction")
+        summary["total_s"] = round(time.perf_counter() - started, 1)
+        (temporary / "metrics.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary, indent=1))
+    print(f"previews: {out / 'reconstruction' / 'previews'}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ixgs", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"ixgs {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="simulate a phantom scan, reconstruct it, write previews and metrics")
+    demo.add_argument("-o", "--output", default="ixgs-demo", help="output folder (default: ixgs-demo)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--time-budget", type=float, default=150.0, help="seconds for the reconstruction")
+    demo.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    demo.set_defaults(run=_cmd_demo)
+
+    simulate = commands.add_parser("simulate", help="simulate a C-arm scan of a phantom")
+    simulate.add_argument("--phantom", choices=("spine", "knee"), required=True)
+    simulate.add_argument("--views", type=int, default=20)
+    simulate.add_argument("--detector", type=int, default=128, help="detector size in pixels (square)")
+    simulate.add_argument("--seed", type=int, default=0)
+    simulate.add_argument("--transmission", action="store_true", help="raw detector counts with Poisson noise")
+    simulate.add_argument("--progress", choices=("bar", "none"), default="bar")
+    simulate.add_argument("-o", "--output", required=True)
+    simulate.set_defaults(run=_cmd_simulate)
+
+    rec = commands.add_parser("reconstruct", help="reconstruct a scan into volume, bone label and coverage")
+    rec.add_argument("scan")
+    rec.add_argument("-o", "--output", required=True)
+    rec.add_argument("--method", choices=("gaussian", "sart"), default="gaussian")
+    rec.add_argument("--preset", choices=("fast", "standard", "high"), default="standard")
+    rec.add_argument("--iterations", type=int)
+    rec.add_argument("--voxel-size", type=float, help="mm (default: ROI's longest side / 128)")
+    rec.add_argument("--init", choices=("random", "sart"), default="random")
+    rec.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    rec.add_argument("--seed", type=int, default=0)
+    rec.add_argument("--time-budget", type=float, help="seconds; the result so far is returned when spent")
+    rec.add_argument("--gaussians", type=int, help="initial number of Gaussians (default: the preset's)")
+    rec.add_argument("--roi", type=float, nargs=6, metavar=("CX", "CY", "CZ", "SX", "SY", "SZ"),
+                     help="box to reconstruct, LPS mm (default: the scan's)")
+    rec.add_argument("--bone-threshold", type=float, help="1/mm (default: Otsu)")
+    rec.add_argument("--checkpoint", type=Path, help="file to save the training state to, periodically")
+    rec.add_argument("--resume", type=Path, help="checkpoint to continue from")
+    rec.add_argument("--progress", choices=("bar", "json", "none"), default="bar")
+    rec.set_defaults(run=_cmd_reconstruct)
+
+    ev = commands.add_parser("evaluate", help="3D PSNR, SSIM and bone Dice of a reconstruction against a reference")
+    ev.add_argument("reconstruction")
+    ev.add_argument("reference")
+    ev.add_argument("--bone-threshold", type=float, help="1/mm (default: Otsu of the reference)")
+    ev.set_defaults(run=_cmd_evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        print("ixgs: cancelled", file=sys.stderr)
+        return EXIT_CANCELLED
+    except (ValueError, OSError) as error:
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"ixgs: error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

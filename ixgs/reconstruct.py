@@ -1,0 +1,441 @@
+"""Reconstruction: radiative Gaussians (the paper's method) or SART, from a :class:`~ixgs.scan.Scan`.
+
+The trainer follows R2-Gaussian (L1 + D-SSIM on projections, 3D TV on voxelized patches, Adam with
+per-parameter learning rates, densification and pruning) with three changes for sparse, truncated,
+intraoperative data on modest hardware:
+
+* coarse-to-fine: early iterations see binned views (cheap, and large Gaussians fit them), later
+  ones the full resolution;
+* truncation: Gaussians live in a support box larger than the ROI, and every view has a smooth
+  background term for what lies further out; only the ROI is returned;
+* a wall-time budget that always returns the current result, a cancel flag, and checkpoints.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .gaussians import GaussianModel
+from .geometry import Grid, Roi, binning_matrix, view_rays
+from .losses import projection_loss, total_variation_3d
+from .metrics import psnr
+from .projector import forward_project
+from .sart import sart_reconstruct
+from .scan import Scan
+from .splat import render
+from .volume import Volume, atomic_path
+from .voxelize import voxelize
+
+METHODS = ("gaussian", "sart")
+INITS = ("random", "sart")
+DEVICES = ("auto", "cpu", "cuda")
+
+# Per preset: iterations, initial Gaussians, cap on Gaussians.
+PRESETS = {
+    "fast": {"iterations": 400, "gaussians": 15_000, "max_gaussians": 60_000},
+    "standard": {"iterations": 1000, "gaussians": 30_000, "max_gaussians": 120_000},
+    "high": {"iterations": 3000, "gaussians": 50_000, "max_gaussians": 300_000},
+}
+
+
+class ReconstructionCancelled(RuntimeError):
+    """Raised when the cancel flag is set; nothing is returned or written."""
+
+
+@dataclass
+class ReconstructionSettings:
+    """What a user chooses. ``None`` means the preset's or the scan's default."""
+
+    method: str = "gaussian"
+    preset: str = "standard"
+    iterations: int | None = None
+    voxel_size_mm: float | None = None
+    init: str = "random"
+    device: str = "auto"
+    seed: int = 0
+    time_budget_s: float | None = None
+    gaussians: int | None = None
+    roi: Roi | None = None
+    # Support box side / ROI side: room for anatomy just outside the ROI (truncated views).
+    support_factor: float = 1.5
+    # Longest side of the default grid, in voxels.
+    default_grid_size: int = 128
+    checkpoint: Path | None = None
+    checkpoint_every: int = 200
+    resume: Path | None = None
+
+    def validate(self) -> None:
+        def bad(field_name, message):
+            raise ValueError(f"setting '{field_name}': {message}")
+
+        if self.method not in METHODS:
+            bad("method", f"must be one of {METHODS}, got {self.method!r}")
+        if self.preset not in PRESETS:
+            bad("preset", f"must be one of {tuple(PRESETS)}, got {self.preset!r}")
+        if self.init not in INITS:
+            bad("init", f"must be one of {INITS}, got {self.init!r}")
+        if self.device not in DEVICES:
+            bad("device", f"must be one of {DEVICES}, got {self.device!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            bad("device", "'cuda' was asked for but no CUDA device is available")
+        for name in ("iterations", "gaussians", "checkpoint_every"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                bad(name, f"must be a positive integer, got {value!r}")
+        for name in ("voxel_size_mm", "time_budget_s"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                bad(name, f"must be a positive number, got {value!r}")
+        if not self.support_factor >= 1.0:
+            bad("support_factor", f"must be >= 1, got {self.support_factor!r}")
+
+    def to_dict(self) -> dict:
+        values = asdict(self)
+        values["roi"] = self.roi.to_dict() if self.roi is not None else None
+        for name in ("checkpoint", "resume"):
+            values[name] = str(values[name]) if values[name] is not None else None
+        return values
+
+
+@dataclass
+class Progress:
+    """One progress report: ``stage`` is "sart", "gaussian" or "voxelize"."""
+
+    stage: str
+    iteration: int
+    total: int
+    loss: float
+    elapsed_s: float
+    eta_s: float
+
+
+@dataclass
+class Reconstruction:
+    volume: Volume  # attenuation (1/mm) on the ROI grid, LPS
+    settings: dict
+    elapsed_s: float
+    stop_reason: str  # "completed" or "time_budget"
+    loss_curve: list[tuple[int, float]] = field(default_factory=list)
+    gaussians: int = 0
+    device: str = "cpu"
+    model: GaussianModel | None = None
+    reprojections: list[np.ndarray] = field(default_factory=list)  # each view as the result sees it
+    reprojection_psnr: float = float("nan")  # mean over views, dB
+
+
+ProgressCallback = Callable[[Progress], None]
+CancelFlag = Callable[[], bool]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def reconstruction_grid(scan: Scan, settings: ReconstructionSettings) -> Grid:
+    """The output grid: the ROI tiled at the chosen voxel size (default: longest side 128 voxels)."""
+    roi = settings.roi or scan.roi
+    voxel = settings.voxel_size_mm or max(roi.size) / settings.default_grid_size
+    return roi.grid(voxel)
+
+
+def support_padding(grid: Grid, factor: float) -> tuple[int, int, int]:
+    """Voxels (x, y, z) to add on each side so the support is ``factor`` times the ROI."""
+    nx, ny, nz = grid.shape[::-1]
+    return tuple(int(round(n * (factor - 1.0) / 2.0)) for n in (nx, ny, nz))
+
+
+def reconstruct(scan: Scan, settings: ReconstructionSettings | None = None,
+                progress: ProgressCallback | None = None, cancel: CancelFlag | None = None) -> Reconstruction:
+    """Reconstruct the scan's ROI. Raises :class:`ReconstructionCancelled` when ``cancel()`` is true."""
+    settings = settings or ReconstructionSettings()
+    settings.validate()
+    device = resolve_device(settings.device)
+    start = time.perf_counter()
+    grid = reconstruction_grid(scan, settings)
+    pad = support_padding(grid, settings.support_factor)
+    support_grid = grid.padded(pad)
+    _check_sources_outside(scan, support_grid.roi)
+    clock = _Clock(start, settings.time_budget_s, progress, cancel)
+    if settings.method == "sart":
+        iterations = settings.iterations or 2 * len(scan.views)
+        values = _sart(scan, support_grid, iterations, device, clock, settings.seed)
+        volume = values[support_grid.inner(pad)]
+        trainer = None
+        loss_curve: list = []
+        reprojections = [forward_project(values, support_grid, view_rays(view.projection_matrix, view.shape,
+                                                                         device=device)) for view in scan.views]
+    else:
+        trainer = _GaussianTrainer(scan, settings, support_grid, device, clock)
+        trainer.run()
+        clock.report("voxelize", 0, 1, trainer.last_loss)
+        with torch.no_grad():
+            volume = voxelize(trainer.model, grid).clamp(min=0)
+            reprojections = trainer.reprojections()
+        loss_curve = trainer.loss_curve
+    reprojections = [image.detach().cpu().numpy() for image in reprojections]
+    elapsed = time.perf_counter() - start
+    return Reconstruction(
+        volume=Volume.on_grid(volume.detach().cpu().numpy().astype(np.float32), grid),
+        settings=settings.to_dict(),
+        elapsed_s=elapsed,
+        stop_reason="time_budget" if clock.over_budget() else "completed",
+        loss_curve=loss_curve,
+        gaussians=len(trainer.model) if trainer else 0,
+        device=str(device),
+        model=trainer.model if trainer else None,
+        reprojections=reprojections,
+        reprojection_psnr=float(np.mean([psnr(r, v.image) for r, v in zip(reprojections, scan.views)])),
+    )
+
+
+def _check_sources_outside(scan: Scan, support: Roi) -> None:
+    for index, view in enumerate(scan.views):
+        if support.contains(view.source):
+            raise ValueError(f"view {index} ({view.name}): the X-ray source lies inside the reconstruction "
+                             "support; use a smaller ROI or support factor")
+
+
+class _Clock:
+    """Elapsed time, the budget, progress reports and the cancel flag, in one place."""
+
+    def __init__(self, start: float, budget_s: float | None, progress: ProgressCallback | None,
+                 cancel: CancelFlag | None):
+        self.start, self.budget_s, self.progress, self.cancel = start, budget_s, progress, cancel
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def over_budget(self, reserve_s: float = 0.0) -> bool:
+        return self.budget_s is not None and self.elapsed() + reserve_s >= self.budget_s
+
+    def report(self, stage: str, iteration: int, total: int, loss: float) -> None:
+        if self.cancel is not None and self.cancel():
+            raise ReconstructionCancelled("reconstruction cancelled")
+        if self.progress is None:
+            return
+        elapsed = self.elapsed()
+        eta = elapsed / max(iteration, 1) * (total - iteration) if iteration else float("nan")
+        if self.budget_s is not None:
+            eta = min(eta, max(self.budget_s - elapsed, 0.0)) if math.isfinite(eta) else self.budget_s - elapsed
+        self.progress(Progress(stage, iteration, total, float(loss), elapsed, eta))
+
+
+def _sart(scan: Scan, grid: Grid, iterations: int, device: torch.device, clock: _Clock, seed: int,
+          budget_fraction: float = 1.0) -> torch.Tensor:
+    budget = None if clock.budget_s is None else max(clock.budget_s * budget_fraction - clock.elapsed(), 1e-3)
+    return sart_reconstruct(
+        [(view.image, view.projection_matrix) for view in scan.views], grid, iterations, device=device,
+        progress=lambda i, n, residual: clock.report("sart", i, n, residual),
+        cancel=clock.cancel, time_budget_s=budget, seed=seed)
+
+
+@dataclass
+class _Level:
+    """The views at one resolution: binned images, their rays, and the background grids' shape."""
+
+    factor: int
+    images: list[torch.Tensor]
+    rays: list
+
+
+def _binned(image: np.ndarray, factor: int) -> np.ndarray:
+    """Mean over ``factor`` x ``factor`` blocks (a trailing partial block is dropped)."""
+    rows, cols = (s // factor * factor for s in image.shape)
+    blocks = image[:rows, :cols].reshape(rows // factor, factor, cols // factor, factor)
+    return blocks.mean(axis=(1, 3))
+
+
+class _GaussianTrainer:
+    """Optimises Gaussians (and per-view backgrounds) against the views; see the module docstring."""
+
+    LEARNING_RATES = {"position": 2e-3, "scale": 5e-3, "rotation": 1e-3, "density": 2e-2}
+    FINAL_LR_FRACTION = 0.1
+    BACKGROUND_LR = 5e-2
+    BACKGROUND_CELLS = 4  # per image side
+    DSSIM_WEIGHT = 0.25
+    TV_WEIGHT = 0.05
+    TV_PATCH = 24  # voxels per side
+    DENSIFY_EVERY = 50
+    DENSIFY_FROM, DENSIFY_UNTIL = 0.1, 0.6  # fractions of the iterations
+    DENSIFY_GRAD_THRESHOLD = 2e-4
+    SPLIT_SCALE_FRACTION = 0.05
+    MIN_DENSITY = 2e-4  # 1/mm
+    MIN_LEVEL_PIXELS = 32
+
+    def __init__(self, scan: Scan, settings: ReconstructionSettings, support_grid: Grid, device: torch.device,
+                 clock: _Clock):
+        self.scan, self.settings, self.device, self.clock = scan, settings, device, clock
+        self.support_grid = support_grid
+        preset = PRESETS[settings.preset]
+        self.iterations = settings.iterations or preset["iterations"]
+        self.max_gaussians = max(preset["max_gaussians"], settings.gaussians or 0)
+        self.generator = torch.Generator().manual_seed(settings.seed)
+        self.levels = self._levels()
+        self.loss_curve: list[tuple[int, float]] = []
+        self.last_loss = float("nan")
+        self.iteration = 0
+        self.model = self._initial_model(preset)
+        n_views = len(scan.views)
+        self.background = torch.zeros((n_views, self.BACKGROUND_CELLS, self.BACKGROUND_CELLS), device=device,
+                                      requires_grad=True)
+        self.optimizer = self._optimizer()
+        if settings.resume is not None:
+            self._load(settings.resume)
+
+    # ----- set-up ---------------------------------------------------------------------------------
+    def _levels(self) -> list[_Level]:
+        """Resolution levels, coarsest first: halving until the smaller image side nears 32 px."""
+        smallest = min(min(view.image.shape) for view in self.scan.views)
+        factors = [1]
+        while smallest // (factors[-1] * 2) >= self.MIN_LEVEL_PIXELS and len(factors) < 3:
+            factors.append(factors[-1] * 2)
+        levels = []
+        for factor in reversed(factors):
+            images, rays = [], []
+            for view in self.scan.views:
+                image = _binned(view.image, factor)
+                matrix = binning_matrix(factor) @ view.projection_matrix
+                images.append(torch.as_tensor(image, dtype=torch.float32, device=self.device))
+                rays.append(view_rays(matrix, image.shape, device=self.device))
+            levels.append(_Level(factor, images, rays))
+        return levels
+
+    def _initial_model(self, preset: dict) -> GaussianModel:
+        n = self.settings.gaussians or preset["gaussians"]
+        support = self.support_grid.roi
+        if self.settings.init == "sart":
+            sart_grid = support.grid(max(support.size) / 64)  # coarse: a warm start, not the answer
+            values = _sart(self.scan, sart_grid, 2 * len(self.scan.views), self.device, self.clock,
+                           self.settings.seed, budget_fraction=0.25)
+            return GaussianModel.from_volume(values.to(self.device), sart_grid, n, self.generator, support=support)
+        # Random init with the mean attenuation the views imply: line integral / path length.
+        mean_path_mm = float(np.mean(support.size))
+        mean_attenuation = float(np.mean([view.image.mean() for view in self.scan.views])) / mean_path_mm
+        density = max(mean_attenuation, 1e-3) * 0.5
+        return GaussianModel.random(support, n, self.generator, density=density, device=self.device)
+
+    def _optimizer(self) -> torch.optim.Adam:
+        groups = self.model.parameter_groups(self.LEARNING_RATES)
+        groups.append({"params": [self.background], "lr": self.BACKGROUND_LR, "name": "background"})
+        for group in groups:
+            group["initial_lr"] = group["lr"]
+        return torch.optim.Adam(groups, eps=1e-15)
+
+    # ----- schedule -------------------------------------------------------------------------------
+    def _level_at(self, iteration: int) -> _Level:
+        """Coarse levels take the first 40 % of the iterations, equally; the finest the rest."""
+        coarse = self.levels[:-1]
+        index = int(iteration / (0.4 * self.iterations) * len(coarse)) if coarse else 0
+        return self.levels[min(index, len(self.levels) - 1)]
+
+    def _set_learning_rates(self, iteration: int) -> None:
+        decay = self.FINAL_LR_FRACTION ** (iteration / max(self.iterations - 1, 1))
+        for group in self.optimizer.param_groups:
+            if group["name"] in ("position", "background"):
+                group["lr"] = group["initial_lr"] * decay
+
+    # ----- the loop -------------------------------------------------------------------------------
+    def run(self) -> None:
+        n_views = len(self.scan.views)
+        order = torch.randperm(n_views, generator=self.generator)
+        grad_accum = torch.zeros(len(self.model), device=self.device)
+        seen = torch.zeros(len(self.model), device=self.device)
+        densify_from, densify_until = (int(f * self.iterations) for f in (self.DENSIFY_FROM, self.DENSIFY_UNTIL))
+        while self.iteration < self.iterations:
+            if self.clock.over_budget(reserve_s=self._voxelize_reserve_s()):
+                break
+            it = self.iteration
+            index = int(order[it % n_views])
+            if it % n_views == n_views - 1:
+                order = torch.randperm(n_views, generator=self.generator)
+            level = self._level_at(it)
+            self._set_learning_rates(it)
+            self.optimizer.zero_grad(set_to_none=True)
+            rendered, radii = render(self.model, level.rays[index], return_radii=True)
+            loss = projection_loss(rendered + self._background(index, rendered.shape), level.images[index],
+                                   self.DSSIM_WEIGHT)
+            loss = loss + self.TV_WEIGHT * self._tv_loss()
+            loss.backward()
+            with torch.no_grad():
+                visible = radii > 0
+                grad_accum[visible] += self.model._position.grad[visible].norm(dim=1)
+                seen[visible] += 1
+            self.optimizer.step()
+            self.last_loss = float(loss)
+            self.loss_curve.append((it, self.last_loss))
+            self.iteration = it + 1
+            if densify_from <= self.iteration <= densify_until and self.iteration % self.DENSIFY_EVERY == 0:
+                self.model.densify_and_prune(
+                    self.optimizer, grad_accum / seen.clamp(min=1), self.DENSIFY_GRAD_THRESHOLD,
+                    self.SPLIT_SCALE_FRACTION, self.MIN_DENSITY, self.max_gaussians, self.generator)
+                grad_accum = torch.zeros(len(self.model), device=self.device)
+                seen = torch.zeros(len(self.model), device=self.device)
+            if self.settings.checkpoint is not None and self.iteration % self.settings.checkpoint_every == 0:
+                self._save(self.settings.checkpoint)
+            self.clock.report("gaussian", self.iteration, self.iterations, self.last_loss)
+
+    def _background(self, index: int, shape: tuple[int, int]) -> torch.Tensor:
+        """View ``index``'s smooth background (attenuation outside the support), at image ``shape``."""
+        return F.interpolate(self.background[index][None, None], size=shape, mode="bilinear",
+                             align_corners=True)[0, 0]
+
+    @torch.no_grad()
+    def reprojections(self) -> list[torch.Tensor]:
+        """Every view at full resolution as the model (and its backgrounds) sees it."""
+        finest = self.levels[-1]
+        return [render(self.model, rays) + self._background(index, rays.shape)
+                for index, rays in enumerate(finest.rays)]
+
+    def _tv_loss(self) -> torch.Tensor:
+        """3D TV of a random patch of the support grid, in units of attenuation x half the support side
+        (R2-Gaussian's normalised scene), so the weight means what it means there."""
+        shape = self.support_grid.shape
+        size = [min(self.TV_PATCH, n) for n in shape]
+        corner = [int(torch.randint(0, n - s + 1, (1,), generator=self.generator)) for n, s in zip(shape, size)]
+        region = tuple(slice(c, c + s) for c, s in zip(corner, size))
+        patch = voxelize(self.model, self.support_grid, region=region)
+        return total_variation_3d(patch * self.model.half_extent)
+
+    def _voxelize_reserve_s(self) -> float:
+        """Time kept back from the budget for the final voxelization (a rough, generous estimate)."""
+        return 2.0 + 2e-5 * len(self.model) if self.clock.budget_s is not None else 0.0
+
+    # ----- checkpoints ----------------------------------------------------------------------------
+    def _save(self, path: Path) -> None:
+        state = {
+            "iteration": self.iteration,
+            "model": self.model.state_dict(),
+            "background": self.background.detach().cpu(),
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "loss_curve": self.loss_curve,
+            "settings": self.settings.to_dict(),
+        }
+        with atomic_path(path) as temporary:
+            torch.save(state, temporary)
+
+    def _load(self, path: Path) -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"resume checkpoint {path}: file not found")
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=False)
+            self.model = GaussianModel.from_state_dict(state["model"]).to(self.device)
+            with torch.no_grad():
+                self.background.copy_(state["background"])
+            self.optimizer = self._optimizer()
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.generator.set_state(state["generator"])
+            self.iteration = int(state["iteration"])
+            self.loss_curve = [tuple(item) for item in state["loss_curve"]]
+        except (KeyError, RuntimeError, ValueError, EOFError) as error:
+            raise ValueError(f"resume checkpoint {path}: not a usable IXGS checkpoint ({error})") from None
