@@ -47,3 +47,14 @@ def small_roi() -> Roi:
 def _deterministic_torch():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def small_spine_scan(tmp_path_factory):
+    """A truncated 12-view, 48-pixel attenuation scan of the spine phantom (2 mm), with its reference."""
+    from ixgs.phantom import default_roi, make_phantom
+    from ixgs.simulate import simulate_scan
+
+    folder = tmp_path_factory.mktemp("spine") / "scan"
+    return simulate_scan(make_phantom("spine", seed=3, voxel_size_mm=2.0), folder, n_views=12, detector_px=48,
+                         seed=3, roi=default_roi("spine"))

@@ -27,7 +27,7 @@ def psnr(values: np.ndarray, reference: np.ndarray) -> float:
     mse = float(np.mean((values - reference) ** 2))
     if data_range <= 0:
         raise ValueError("reference is constant: PSNR is undefined")
-    return float("inf") if mse == 0 else 10.0 * np.log10(data_range**2 / mse)
+    return float("inf") if mse == 0 else float(10.0 * np.log10(data_range**2 / mse))
 
 
 def ssim(values: np.ndarray, reference: np.ndarray) -> float:
@@ -37,11 +37,26 @@ def ssim(values: np.ndarray, reference: np.ndarray) -> float:
                                        data_range=float(reference.max() - reference.min())))
 
 
-def otsu_threshold(values: np.ndarray) -> float:
-    """Otsu's threshold over the voxels above air (the air peak would otherwise dominate)."""
+def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold over the voxels above air (the air peak would otherwise dominate).
+
+    The histogram picks the split between bins; the threshold is then set half-way between the
+    largest value below and the smallest value above it, so no voxel lands on the wrong side of its
+    own bin's centre.
+    """
     values = np.asarray(values, np.float64).ravel()
     foreground = values[values > 0.05 * values.max()] if values.max() > 0 else values
-    return float(threshold_otsu(foreground if foreground.size > 1 else values))
+    if foreground.size < 2 or foreground.min() == foreground.max():
+        foreground = values
+    if values.min() == values.max():
+        return float(values.min())
+    counts, edges = np.histogram(foreground, bins=bins)
+    centers = 0.5 * (edges[:-1] + edges[1:])
+    split = int(np.searchsorted(centers, threshold_otsu(hist=(counts, centers))))
+    below = foreground < edges[split + 1]
+    if below.all() or not below.any():
+        return float(centers[split])
+    return float(0.5 * (foreground[below].max() + foreground[~below].min()))
 
 
 def dice(mask: np.ndarray, reference_mask: np.ndarray) -> float:

@@ -56,7 +56,7 @@ def coverage_summary(coverage: Volume, n_views: int) -> dict:
 
 
 def write_outputs(out_dir: str | os.PathLike, scan: Scan, volume: Volume, report: dict,
-                  bone_threshold: float | None = None, reprojections: list[np.ndarray] | None = None,
+                  bone_threshold: float | None = None, reprojections: dict[int, np.ndarray] | None = None,
                   loss_curve: list[tuple[int, float]] | None = None) -> dict:
     """Write the output folder atomically and return the completed report.
 
@@ -136,15 +136,13 @@ def loss_curve_image(loss_curve: list[tuple[int, float]], size: tuple[int, int] 
     return canvas
 
 
-def _write_previews(folder: Path, volume: Volume, scan: Scan, reprojections: list[np.ndarray] | None,
+def _write_previews(folder: Path, volume: Volume, scan: Scan, reprojections: dict[int, np.ndarray] | None,
                     loss_curve: list[tuple[int, float]]) -> None:
     folder.mkdir()
     write_png(orthogonal_slices(volume), folder / "slices.png")
     write_png(loss_curve_image(loss_curve), folder / "loss.png")
-    if reprojections:
-        picks = sorted(set(np.linspace(0, len(scan.views) - 1, min(4, len(scan.views))).round().astype(int)))
-        for index in picks:
-            measured = scan.views[index].image
-            low, high = np.percentile(measured, 0.5), np.percentile(measured, 99.5)
-            pair = [to_uint8(measured, low, high), to_uint8(reprojections[index], low, high)]
-            write_png(np.concatenate(pair, axis=1), folder / f"view_{index:03d}.png")
+    for index, reprojected in (reprojections or {}).items():
+        measured = scan.views[index].image
+        low, high = np.percentile(measured, 0.5), np.percentile(measured, 99.5)
+        pair = [to_uint8(measured, low, high), to_uint8(reprojected, low, high)]
+        write_png(np.concatenate(pair, axis=1), folder / f"view_{index:03d}.png")

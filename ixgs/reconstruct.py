@@ -126,12 +126,18 @@ class Reconstruction:
     gaussians: int = 0
     device: str = "cpu"
     model: GaussianModel | None = None
-    reprojections: list[np.ndarray] = field(default_factory=list)  # each view as the result sees it
-    reprojection_psnr: float = float("nan")  # mean over views, dB
+    # A few views (index -> image) as the result sees them, and their mean PSNR to the measured ones (dB).
+    reprojections: dict[int, np.ndarray] = field(default_factory=dict)
+    reprojection_psnr: float = float("nan")
 
 
 ProgressCallback = Callable[[Progress], None]
 CancelFlag = Callable[[], bool]
+
+
+def reprojected_views(n_views: int, count: int = 4) -> list[int]:
+    """Evenly spread views that are re-projected for the report and previews (rendering all costs too much)."""
+    return sorted(set(np.linspace(0, n_views - 1, min(count, n_views)).round().astype(int).tolist()))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -171,29 +177,30 @@ def reconstruct(scan: Scan, settings: ReconstructionSettings | None = None,
         volume = values[support_grid.inner(pad)]
         trainer = None
         loss_curve: list = []
-        reprojections = [forward_project(values, support_grid, view_rays(view.projection_matrix, view.shape,
-                                                                         device=device)) for view in scan.views]
+        reprojections = {index: forward_project(values, support_grid, view_rays(
+            scan.views[index].projection_matrix, scan.views[index].shape, device=device))
+            for index in reprojected_views(len(scan.views))}
     else:
         trainer = _GaussianTrainer(scan, settings, support_grid, device, clock)
         trainer.run()
         clock.report("voxelize", 0, 1, trainer.last_loss)
         with torch.no_grad():
             volume = voxelize(trainer.model, grid).clamp(min=0)
-            reprojections = trainer.reprojections()
+        reprojections = trainer.reprojections(reprojected_views(len(scan.views)))
         loss_curve = trainer.loss_curve
-    reprojections = [image.detach().cpu().numpy() for image in reprojections]
+    reprojections = {index: image.detach().cpu().numpy() for index, image in reprojections.items()}
     elapsed = time.perf_counter() - start
     return Reconstruction(
         volume=Volume.on_grid(volume.detach().cpu().numpy().astype(np.float32), grid),
         settings=settings.to_dict(),
         elapsed_s=elapsed,
-        stop_reason="time_budget" if clock.over_budget() else "completed",
+        stop_reason=trainer.stop_reason if trainer else ("time_budget" if clock.over_budget() else "completed"),
         loss_curve=loss_curve,
         gaussians=len(trainer.model) if trainer else 0,
         device=str(device),
         model=trainer.model if trainer else None,
         reprojections=reprojections,
-        reprojection_psnr=float(np.mean([psnr(r, v.image) for r, v in zip(reprojections, scan.views)])),
+        reprojection_psnr=float(np.mean([psnr(image, scan.views[i].image) for i, image in reprojections.items()])),
     )
 
 
@@ -263,7 +270,8 @@ class _GaussianTrainer:
     BACKGROUND_CELLS = 4  # per image side
     DSSIM_WEIGHT = 0.25
     TV_WEIGHT = 0.05
-    TV_PATCH = 24  # voxels per side
+    TV_PATCH = 16  # voxels per side, on a grid twice as coarse as the output (cost grows with voxels per Gaussian)
+    TV_COARSENING = 2
     DENSIFY_EVERY = 50
     DENSIFY_FROM, DENSIFY_UNTIL = 0.1, 0.6  # fractions of the iterations
     DENSIFY_GRAD_THRESHOLD = 2e-4
@@ -275,6 +283,8 @@ class _GaussianTrainer:
                  clock: _Clock):
         self.scan, self.settings, self.device, self.clock = scan, settings, device, clock
         self.support_grid = support_grid
+        support = support_grid.roi
+        self.tv_grid = support.grid(self.TV_COARSENING * max(support_grid.spacing))
         preset = PRESETS[settings.preset]
         self.iterations = settings.iterations or preset["iterations"]
         self.max_gaussians = max(preset["max_gaussians"], settings.gaussians or 0)
@@ -283,6 +293,7 @@ class _GaussianTrainer:
         self.loss_curve: list[tuple[int, float]] = []
         self.last_loss = float("nan")
         self.iteration = 0
+        self.stop_reason = "completed"
         self.model = self._initial_model(preset)
         n_views = len(scan.views)
         self.background = torch.zeros((n_views, self.BACKGROUND_CELLS, self.BACKGROUND_CELLS), device=device,
@@ -352,6 +363,7 @@ class _GaussianTrainer:
         densify_from, densify_until = (int(f * self.iterations) for f in (self.DENSIFY_FROM, self.DENSIFY_UNTIL))
         while self.iteration < self.iterations:
             if self.clock.over_budget(reserve_s=self._voxelize_reserve_s()):
+                self.stop_reason = "time_budget"
                 break
             it = self.iteration
             index = int(order[it % n_views])
@@ -370,7 +382,7 @@ class _GaussianTrainer:
                 grad_accum[visible] += self.model._position.grad[visible].norm(dim=1)
                 seen[visible] += 1
             self.optimizer.step()
-            self.last_loss = float(loss)
+            self.last_loss = loss.item()
             self.loss_curve.append((it, self.last_loss))
             self.iteration = it + 1
             if densify_from <= self.iteration <= densify_until and self.iteration % self.DENSIFY_EVERY == 0:
@@ -389,20 +401,20 @@ class _GaussianTrainer:
                              align_corners=True)[0, 0]
 
     @torch.no_grad()
-    def reprojections(self) -> list[torch.Tensor]:
-        """Every view at full resolution as the model (and its backgrounds) sees it."""
-        finest = self.levels[-1]
-        return [render(self.model, rays) + self._background(index, rays.shape)
-                for index, rays in enumerate(finest.rays)]
+    def reprojections(self, indices: list[int]) -> dict[int, torch.Tensor]:
+        """Views ``indices`` at full resolution as the model (and its backgrounds) sees them."""
+        rays = self.levels[-1].rays
+        return {index: render(self.model, rays[index]) + self._background(index, rays[index].shape)
+                for index in indices}
 
     def _tv_loss(self) -> torch.Tensor:
         """3D TV of a random patch of the support grid, in units of attenuation x half the support side
         (R2-Gaussian's normalised scene), so the weight means what it means there."""
-        shape = self.support_grid.shape
+        shape = self.tv_grid.shape
         size = [min(self.TV_PATCH, n) for n in shape]
         corner = [int(torch.randint(0, n - s + 1, (1,), generator=self.generator)) for n, s in zip(shape, size)]
         region = tuple(slice(c, c + s) for c, s in zip(corner, size))
-        patch = voxelize(self.model, self.support_grid, region=region)
+        patch = voxelize(self.model, self.tv_grid, region=region)
         return total_variation_3d(patch * self.model.half_extent)
 
     def _voxelize_reserve_s(self) -> float:

@@ -1,0 +1,80 @@
+"""Output folder: bone label, coverage map against direct projection, previews, atomic writing."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import ring_of_matrices
+
+from ixgs.geometry import Roi, project_points
+from ixgs.outputs import bone_label, coverage_map, coverage_summary, write_outputs
+from ixgs.scan import read_scan, write_scan
+from ixgs.volume import Volume
+
+
+@pytest.fixture
+def ring_scan(tmp_path):
+    images = [np.ones((32, 40), np.float32) for _ in range(4)]
+    write_scan(tmp_path / "scan", images, ring_of_matrices(4), roi=Roi((0.0, 0.0, 0.0), (80.0, 80.0, 80.0)))
+    return read_scan(tmp_path / "scan")
+
+
+def _volume(grid_mm=4.0):
+    grid = Roi((0.0, 0.0, 0.0), (80.0, 80.0, 80.0)).grid(grid_mm)
+    centers = grid.voxel_centers()
+    values = 0.02 + 0.03 * (np.linalg.norm(centers - [5.0, 0.0, 0.0], axis=-1) < 15)
+    values += 0.002 * np.sin(centers[..., 1])  # some spread for Otsu
+    return Volume.on_grid(values.astype(np.float32), grid)
+
+
+def test_bone_label_otsu_and_given_threshold():
+    volume = _volume()
+    label, threshold = bone_label(volume)
+    assert 0.021 < threshold < 0.048  # in the gap between soft tissue and bone
+    np.testing.assert_array_equal(label.array, (volume.array > 0.035).astype(np.uint8))
+    assert label.origin == volume.origin and label.spacing == volume.spacing
+    label, threshold = bone_label(volume, 0.1)
+    assert threshold == 0.1 and label.array.sum() == 0
+
+
+def test_coverage_counts_views_that_see_each_voxel(ring_scan):
+    grid = Roi((0.0, 0.0, 0.0), (200.0, 200.0, 200.0)).grid(10.0)  # wider than the views' common field
+    coverage = coverage_map(ring_scan, grid)
+    centers = grid.voxel_centers().reshape(-1, 3)
+    expected = np.zeros(len(centers), int)
+    for view in ring_scan.views:
+        uvw = project_points(view.projection_matrix, centers)
+        expected += (uvw[:, 0] >= -0.5) & (uvw[:, 0] <= 39.5) & (uvw[:, 1] >= -0.5) & (uvw[:, 1] <= 31.5)
+    np.testing.assert_array_equal(coverage.array.ravel(), expected)
+    assert coverage.array.max() == 4 and coverage.array.min() < 4  # the ROI's corners leave some views
+    summary = coverage_summary(coverage, 4)
+    assert summary["minimum_views"] == 2
+    assert summary["fraction_under_constrained"] == pytest.approx(np.mean(expected < 2))
+
+
+def test_write_outputs_folder(ring_scan, tmp_path):
+    volume = _volume()
+    out = tmp_path / "out"
+    report = write_outputs(out, ring_scan, volume, {"elapsed_s": 1.0}, loss_curve=[(0, 1.0), (1, 0.5), (2, 0.2)],
+                           reprojections={0: ring_scan.views[0].image, 3: ring_scan.views[3].image})
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["bone.nrrd", "coverage.nrrd", "previews", "report.json", "volume.nrrd"]
+    written = sitk.ReadImage(str(out / "volume.nrrd"))
+    assert written.GetOrigin() == pytest.approx(volume.origin) and written.GetSpacing() == pytest.approx(volume.spacing)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(written), volume.array)
+    assert json.loads((out / "report.json").read_text())["bone_threshold"] == pytest.approx(report["bone_threshold"])
+    previews = sorted(p.name for p in (out / "previews").iterdir())
+    assert previews == ["loss.png", "slices.png", "view_000.png", "view_003.png"]
+    loss_png = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "previews" / "loss.png")))
+    assert loss_png.max() == 255  # the curve is drawn
+    slices = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "previews" / "slices.png")))
+    assert slices.shape[0] == 20 and slices.std() > 10
+
+
+def test_write_outputs_refuses_foreign_folder(ring_scan, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not an IXGS output folder"):
+        write_outputs(tmp_path, ring_scan, _volume(), {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "scan"]
