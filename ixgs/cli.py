@@ -174,6 +174,36 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_import_dicom(args) -> int:
+    from .dicom import import_dicom
+
+    print(str(import_dicom(args.folder, args.output, assume_sid_mm=args.assume_sid, assume_sod_mm=args.assume_sod,
+                           assume_pixel_spacing_mm=args.assume_pixel_spacing)))
+    return 0
+
+
+def _cmd_calibrate(args) -> int:
+    from .calibration import calibrate_scan
+
+    path, report = calibrate_scan(args.images, args.phantom, args.output, max_rms_px=args.max_error)
+    print(json.dumps({"output": str(path), "views": report["views"]}, indent=1))
+    return 0
+
+
+def _cmd_import_peer(args) -> int:
+    from .peers import import_peer
+
+    print(str(import_peer(args.path, args.output, args.format)))
+    return 0
+
+
+def _cmd_export_r2gaussian(args) -> int:
+    from .peers import export_r2gaussian
+
+    print(str(export_r2gaussian(args.scan, args.output)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ixgs", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"ixgs {__version__}")
@@ -221,6 +251,31 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("reference")
     ev.add_argument("--bone-threshold", type=float, help="1/mm (default: Otsu of the reference)")
     ev.set_defaults(run=_cmd_evaluate)
+    imp = commands.add_parser("import-dicom", help="import DICOM X-rays (XA, RF, DX, CR) with their C-arm geometry as a scan")
+    imp.add_argument("folder")
+    imp.add_argument("-o", "--output", required=True)
+    imp.add_argument("--assume-sid", type=float, metavar="MM", help="source-detector distance for files without it")
+    imp.add_argument("--assume-sod", type=float, metavar="MM", help="source-isocentre distance for files without it")
+    imp.add_argument("--assume-pixel-spacing", type=float, metavar="MM", help="detector pixel size for files without it")
+    imp.set_defaults(run=_cmd_import_dicom)
+
+    cal = commands.add_parser("calibrate", help="calibrate each view's geometry from images of a bead phantom")
+    cal.add_argument("images", help="scan folder or DICOM folder of phantom images (their geometry is the starting guess)")
+    cal.add_argument("--phantom", default="helix", metavar="LAYOUT", help="'helix' (default phantom) or a bead layout JSON")
+    cal.add_argument("--max-error", type=float, default=1.0, metavar="PX", help="largest RMS reprojection error accepted")
+    cal.add_argument("-o", "--output", required=True)
+    cal.set_defaults(run=_cmd_calibrate)
+
+    peer = commands.add_parser("import-peer", help="import an R2-Gaussian scene, NAF/SAX-NeRF pickle or TIGRE folder")
+    peer.add_argument("path")
+    peer.add_argument("-o", "--output", required=True)
+    peer.add_argument("--format", choices=("r2gaussian", "naf", "tigre"), required=True)
+    peer.set_defaults(run=_cmd_import_peer)
+
+    exp = commands.add_parser("export-r2gaussian", help="write a scan as an R2-Gaussian scene")
+    exp.add_argument("scan")
+    exp.add_argument("-o", "--output", required=True)
+    exp.set_defaults(run=_cmd_export_r2gaussian)
     return parser
 
 
