@@ -7,6 +7,10 @@ import torch
 
 from ixgs.geometry import Roi
 
+# One thread: results are then bit-for-bit repeatable, and small torch operations stay fast on a
+# shared 2-core machine (oversubscribed OpenMP threads made them erratically slow, up to 100x).
+torch.set_num_threads(1)
+
 
 def look_at_projection_matrix(source, target=(0.0, 0.0, 0.0), shape=(32, 40), focal_px=120.0,
                               principal_offset_px=(0.0, 0.0), skew=0.0) -> np.ndarray:
@@ -41,6 +45,16 @@ def ring_of_matrices(n_views: int, distance_mm: float = 500.0, shape=(32, 40), f
 @pytest.fixture
 def small_roi() -> Roi:
     return Roi((0.0, 0.0, 0.0), (60.0, 60.0, 60.0))
+
+
+@pytest.fixture
+def scene():
+    """A fresh real MRML scene (PyPI slicer-core) as ``slicer.mrmlScene``, cleared afterwards."""
+    slicer = pytest.importorskip("slicer")
+    mrml_scene = slicer.vtkMRMLScene()
+    slicer.mrmlScene = mrml_scene
+    yield mrml_scene
+    mrml_scene.Clear(1)
 
 
 @pytest.fixture(autouse=True)

@@ -5,7 +5,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from ixgs.calibration import (
     calibrate_scan,
@@ -19,7 +18,6 @@ from ixgs.geometry import project_points
 from ixgs.scan import read_scan, write_scan
 from ixgs.simulate import c_arm_projection_matrix
 
-torch.set_num_threads(1)
 SHAPE = (160, 160)
 SPACING = (1.2, 1.2)
 # (primary, secondary) nominal angles; the true pose is off by a few degrees, mm and a different SID.

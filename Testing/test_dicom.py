@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 pydicom = pytest.importorskip("pydicom")
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
@@ -18,7 +17,6 @@ from ixgs.scan import read_scan, write_scan  # noqa: E402
 from ixgs.simulate import c_arm_projection_matrix, fitting_pixel_spacing, random_c_arm_poses  # noqa: E402
 from ixgs.volume import Volume  # noqa: E402
 
-torch.set_num_threads(1)
 XA_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.12.1"
 SLOPE = 2e-4  # line integral per stored unit
 

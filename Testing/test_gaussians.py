@@ -15,14 +15,6 @@ SUPPORT = Roi((10.0, -5.0, 3.0), (80.0, 60.0, 40.0))
 LEARNING_RATES = {"position": 2e-4, "scale": 5e-3, "rotation": 1e-3, "density": 1e-2}
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """The machine is shared: oversubscribed OpenMP threads make small torch ops erratically slow."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def small_view(shape=(32, 32)):
     intrinsics = np.array([[700.0 / 2.0, 0.0, 15.5], [0.0, 700.0 / 2.0, 15.5], [0.0, 0.0, 1.0]])

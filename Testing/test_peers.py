@@ -6,7 +6,6 @@ import pickle
 
 import numpy as np
 import pytest
-import torch
 
 from ixgs.geometry import Roi, project_points
 from ixgs.peers import (
@@ -22,7 +21,6 @@ from ixgs.scan import read_scan, write_scan
 from ixgs.simulate import c_arm_projection_matrix
 from ixgs.volume import Volume
 
-torch.set_num_threads(1)
 ANGLES = np.linspace(0.0, np.pi, 5, endpoint=False) + 0.3
 SHAPE = (12, 16)  # (v, u)
 

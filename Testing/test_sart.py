@@ -22,14 +22,6 @@ def ball(grid, center, radius_mm: float) -> np.ndarray:
     return inside / 8.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small problems: a second torch thread only adds contention (5x slower on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def problem():

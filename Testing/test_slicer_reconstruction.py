@@ -21,12 +21,7 @@ from ixgs.volume import Volume  # noqa: E402
 from conftest import ring_of_matrices  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def scene():
-    scene = slicer.vtkMRMLScene()
-    slicer.mrmlScene = scene
-    yield scene
-    scene.Clear(1)
+pytestmark = pytest.mark.usefixtures("scene")
 
 
 def _rotation(axis: int, degrees: float) -> np.ndarray:

@@ -20,12 +20,7 @@ from ixgs.standardize import ClassicalSettings, standardize_image  # noqa: E402
 SHAPE = (32, 40)
 
 
-@pytest.fixture(autouse=True)
-def scene():
-    scene = slicer.vtkMRMLScene()
-    slicer.mrmlScene = scene
-    yield scene
-    scene.Clear(1)
+pytestmark = pytest.mark.usefixtures("scene")
 
 
 def _images(n: int) -> list[np.ndarray]:

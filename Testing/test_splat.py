@@ -11,14 +11,6 @@ from ixgs.pairs import box_pairs
 from ixgs.splat import count_pairs, render
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """The machine is shared: oversubscribed OpenMP threads make small torch ops erratically slow."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def random_rotation(rng: np.random.Generator) -> np.ndarray:
     q, r = np.linalg.qr(rng.normal(size=(3, 3)))

@@ -12,14 +12,6 @@ from ixgs.splat import render
 from ixgs.voxelize import voxelize
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """The machine is shared: oversubscribed OpenMP threads make small torch ops erratically slow."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def rotated_gaussian(mean, scales, quaternion, density, support=Roi((0.0, 0.0, 0.0), (40.0, 40.0, 40.0))):
     f64 = dict(dtype=torch.float64)

@@ -91,6 +91,7 @@ def reconstruct_to_folder(scan_path: Path, out_dir: Path, settings, bone_thresho
         "grid": {"shape": list(result.volume.array.shape), "spacing_mm": list(result.volume.spacing),
                  "origin_mm": list(result.volume.origin)},
         "reprojection_psnr": result.reprojection_psnr,
+        "peak_memory_mib": result.peak_memory,
     }
     return write_outputs(out_dir, scan, result.volume, report, bone_threshold, result.reprojections,
                          result.loss_curve)

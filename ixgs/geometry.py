@@ -175,6 +175,18 @@ def view_rays(projection_matrix: np.ndarray, shape: tuple[int, int], device="cpu
     )
 
 
+def closest_point_to_lines(points: np.ndarray, directions: np.ndarray) -> np.ndarray:
+    """Least-squares point nearest to the lines ``points + t directions`` (unit directions), e.g. the
+    isocentre where the principal rays of a C-arm's views (nearly) meet."""
+    A = np.zeros((3, 3))
+    b = np.zeros(3)
+    for point, direction in zip(points, directions):
+        projector = np.eye(3) - np.outer(direction, direction)
+        A += projector
+        b += projector @ point
+    return np.linalg.lstsq(A, b, rcond=None)[0]
+
+
 def common_field_of_view(projection_matrices: list[np.ndarray], shapes: list[tuple[int, int]],
                          resolution: int = 48) -> Roi | None:
     """Bounding box of the region every view sees, or None when no point is seen by all views.
@@ -187,14 +199,7 @@ def common_field_of_view(projection_matrices: list[np.ndarray], shapes: list[tup
     for P in projection_matrices:
         axis = np.asarray(P, float)[2, :3]
         axes.append(axis / np.linalg.norm(axis))
-    # Least-squares point nearest to all principal rays: sum (I - a a^T) (x - s) = 0.
-    A = np.zeros((3, 3))
-    b = np.zeros(3)
-    for s, a in zip(sources, axes):
-        proj = np.eye(3) - np.outer(a, a)
-        A += proj
-        b += proj @ s
-    isocentre = np.linalg.lstsq(A, b, rcond=None)[0]
+    isocentre = closest_point_to_lines(sources, np.array(axes))
     half = 0.5 * np.min(np.linalg.norm(sources - isocentre, axis=1))
     search = Roi(tuple(isocentre), (2 * half,) * 3)
     for _ in range(2):  # coarse search, then a finer one around the box found (one cell wider)

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .dicom import pixel_axes_matrix
-from .geometry import Grid, compose_projection_matrix, normalize_projection_matrix
+from .geometry import Grid, closest_point_to_lines, compose_projection_matrix, normalize_projection_matrix
 from .scan import Scan, decompose_projection_matrix, read_scan, write_scan
 from .volume import Volume, atomic_path, check_replaceable
 
@@ -252,7 +252,7 @@ def fit_circular_orbit(scan: Scan) -> tuple[ConeGeometry, np.ndarray, np.ndarray
     sources = np.array([view.source for view in scan.views])
     axes = np.array([view.projection_matrix[2, :3] / np.linalg.norm(view.projection_matrix[2, :3])
                      for view in scan.views])
-    isocenter = _closest_point_to_lines(sources, axes)
+    isocenter = closest_point_to_lines(sources, axes)
     dso = float(np.mean(np.linalg.norm(sources - isocenter, axis=1)))
     angles = np.arctan2(sources[:, 1] - isocenter[1], sources[:, 0] - isocenter[0])
     angles = angles[0] + np.unwrap(angles - angles[0])
@@ -379,17 +379,6 @@ def _reference(volume_xyz: np.ndarray, grid: Grid, unit_mm: float, label: str) -
     if array.shape[::-1] != tuple(grid.shape):
         raise ValueError(f"{label}: volume shape {array.shape} does not match nVoxel {grid.shape[::-1]}")
     return Volume.on_grid(np.ascontiguousarray(array.transpose(2, 1, 0)) / unit_mm, grid)
-
-
-def _closest_point_to_lines(points: np.ndarray, directions: np.ndarray) -> np.ndarray:
-    """Least-squares point nearest to the lines ``points + t directions`` (unit directions)."""
-    A = np.zeros((3, 3))
-    b = np.zeros(3)
-    for point, direction in zip(points, directions):
-        projector = np.eye(3) - np.outer(direction, direction)
-        A += projector
-        b += projector @ point
-    return np.linalg.lstsq(A, b, rcond=None)[0]
 
 
 def _relative_difference(a: np.ndarray, b: np.ndarray) -> float:

@@ -6,13 +6,17 @@ intraoperative data on modest hardware:
 
 * coarse-to-fine: early iterations see binned views (cheap, and large Gaussians fit them), later
   ones the full resolution;
-* truncation: Gaussians live in a support box larger than the ROI, and every view has a smooth
-  background term for what lies further out; only the ROI is returned;
+* truncation: Gaussians live in a support box a little larger than the ROI, and a coarse voxel
+  volume (about 1 cm voxels) models the attenuation further out, as far as the views reach, so
+  tissue outside the ROI is explained in 3D instead of being pushed into it; only the ROI is
+  returned;
 * a wall-time budget that always returns the current result, a cancel flag, and checkpoints.
 """
 from __future__ import annotations
 
 import math
+import pickle
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -20,13 +24,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .gaussians import GaussianModel
 from .geometry import Grid, Roi, binning_matrix, view_rays
 from .losses import projection_loss, total_variation_3d
 from .metrics import psnr
-from .projector import forward_project
+from .projector import forward_project, sample_volume
 from .sart import sart_reconstruct
 from .scan import Scan
 from .splat import render
@@ -63,8 +66,8 @@ class ReconstructionSettings:
     time_budget_s: float | None = None
     gaussians: int | None = None
     roi: Roi | None = None
-    # Support box side / ROI side: room for anatomy just outside the ROI (truncated views).
-    support_factor: float = 1.5
+    # Gaussian support side / ROI side: room for anatomy just outside the ROI.
+    support_factor: float = 1.2
     # Longest side of the default grid, in voxels.
     default_grid_size: int = 128
     checkpoint: Path | None = None
@@ -129,6 +132,7 @@ class Reconstruction:
     # A few views (index -> image) as the result sees them, and their mean PSNR to the measured ones (dB).
     reprojections: dict[int, np.ndarray] = field(default_factory=dict)
     reprojection_psnr: float = float("nan")
+    peak_memory: dict = field(default_factory=dict)  # MiB, see peak_memory_mib
 
 
 ProgressCallback = Callable[[Progress], None]
@@ -138,6 +142,22 @@ CancelFlag = Callable[[], bool]
 def reprojected_views(n_views: int, count: int = 4) -> list[int]:
     """Evenly spread views that are re-projected for the report and previews (rendering all costs too much)."""
     return sorted(set(np.linspace(0, n_views - 1, min(count, n_views)).round().astype(int).tolist()))
+
+
+def peak_memory_mib(device: torch.device) -> dict:
+    """Peak memory so far: the process's resident set (where the OS reports it) and, on CUDA, the
+    largest amount torch allocated on the device."""
+    peak = {}
+    try:
+        import resource  # not on Windows
+
+        scale = 1024 if sys.platform != "darwin" else 1024 * 1024  # ru_maxrss: KiB on Linux, bytes on macOS
+        peak["process_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale, 1)
+    except ImportError:
+        pass
+    if device.type == "cuda":
+        peak["cuda_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return peak
 
 
 def resolve_device(name: str) -> torch.device:
@@ -159,6 +179,23 @@ def support_padding(grid: Grid, factor: float) -> tuple[int, int, int]:
     return tuple(int(round(n * (factor - 1.0) / 2.0)) for n in (nx, ny, nz))
 
 
+# The box modelled around the ROI (tissue outside it still attenuates every ray): OUTER_FACTOR times
+# the ROI's longest side, kept well clear of the X-ray sources.
+OUTER_FACTOR = 4.0
+SOURCE_CLEARANCE = 0.45  # of the distance from the ROI centre to the nearest source, per half side
+# SART reconstructs on a box SART_FACTOR times the ROI, at SART_VOXEL_FACTOR times the output voxel.
+SART_FACTOR = 2.5
+SART_VOXEL_FACTOR = 1.5
+
+
+def surrounding_box(scan: Scan, roi: Roi, factor: float) -> Roi:
+    """A cube around ``roi`` (``factor`` x its longest side) that no X-ray source comes near."""
+    center = np.asarray(roi.center, float)
+    nearest = min(float(np.linalg.norm(view.source - center)) for view in scan.views)
+    side = min(factor * max(roi.size), 2 * SOURCE_CLEARANCE * nearest)
+    return Roi(roi.center, (max(side, *roi.size),) * 3)
+
+
 def reconstruct(scan: Scan, settings: ReconstructionSettings | None = None,
                 progress: ProgressCallback | None = None, cancel: CancelFlag | None = None) -> Reconstruction:
     """Reconstruct the scan's ROI. Raises :class:`ReconstructionCancelled` when ``cancel()`` is true."""
@@ -167,19 +204,20 @@ def reconstruct(scan: Scan, settings: ReconstructionSettings | None = None,
     device = resolve_device(settings.device)
     start = time.perf_counter()
     grid = reconstruction_grid(scan, settings)
-    pad = support_padding(grid, settings.support_factor)
-    support_grid = grid.padded(pad)
+    support_grid = grid.padded(support_padding(grid, settings.support_factor))
     _check_sources_outside(scan, support_grid.roi)
     clock = _Clock(start, settings.time_budget_s, progress, cancel)
+    centers = torch.as_tensor(grid.voxel_centers(), dtype=torch.float32, device=device)
     if settings.method == "sart":
-        iterations = settings.iterations or 2 * len(scan.views)
-        values = _sart(scan, support_grid, iterations, device, clock, settings.seed)
-        volume = values[support_grid.inner(pad)]
+        sart_grid = _sart_grid(scan, grid)
+        values = _sart(scan, sart_grid, settings.iterations or 2, device, clock, settings.seed)
+        with torch.no_grad():
+            volume = sample_volume(values, sart_grid, centers)
+            reprojections = {index: forward_project(values, sart_grid, view_rays(
+                scan.views[index].projection_matrix, scan.views[index].shape, device=device))
+                for index in reprojected_views(len(scan.views))}
         trainer = None
         loss_curve: list = []
-        reprojections = {index: forward_project(values, support_grid, view_rays(
-            scan.views[index].projection_matrix, scan.views[index].shape, device=device))
-            for index in reprojected_views(len(scan.views))}
     else:
         trainer = _GaussianTrainer(scan, settings, support_grid, device, clock)
         trainer.run()
@@ -200,8 +238,21 @@ def reconstruct(scan: Scan, settings: ReconstructionSettings | None = None,
         device=str(device),
         model=trainer.model if trainer else None,
         reprojections=reprojections,
-        reprojection_psnr=float(np.mean([psnr(image, scan.views[i].image) for i, image in reprojections.items()])),
+        reprojection_psnr=_mean_psnr(reprojections, scan),
+        peak_memory=peak_memory_mib(device),
     )
+
+
+def _mean_psnr(reprojections: dict[int, np.ndarray], scan: Scan) -> float:
+    """Mean 2D PSNR of re-projected views; views with a constant measured image are left out."""
+    values = [psnr(image, scan.views[index].image) for index, image in reprojections.items()
+              if np.ptp(scan.views[index].image) > 0]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def _sart_grid(scan: Scan, grid: Grid) -> Grid:
+    """SART's grid: wide enough for most tissue the views cross, coarse enough to stay affordable."""
+    return surrounding_box(scan, grid.roi, SART_FACTOR).grid(SART_VOXEL_FACTOR * max(grid.spacing))
 
 
 def _check_sources_outside(scan: Scan, support: Roi) -> None:
@@ -239,15 +290,17 @@ class _Clock:
 def _sart(scan: Scan, grid: Grid, iterations: int, device: torch.device, clock: _Clock, seed: int,
           budget_fraction: float = 1.0) -> torch.Tensor:
     budget = None if clock.budget_s is None else max(clock.budget_s * budget_fraction - clock.elapsed(), 1e-3)
-    return sart_reconstruct(
+    values = sart_reconstruct(
         [(view.image, view.projection_matrix) for view in scan.views], grid, iterations, device=device,
         progress=lambda i, n, residual: clock.report("sart", i, n, residual),
         cancel=clock.cancel, time_budget_s=budget, seed=seed)
+    clock.report("sart", iterations, iterations, float("nan"))  # raises if SART stopped for a cancel
+    return values
 
 
 @dataclass
 class _Level:
-    """The views at one resolution: binned images, their rays, and the background grids' shape."""
+    """The views at one resolution: binned images and their rays."""
 
     factor: int
     images: list[torch.Tensor]
@@ -262,12 +315,12 @@ def _binned(image: np.ndarray, factor: int) -> np.ndarray:
 
 
 class _GaussianTrainer:
-    """Optimises Gaussians (and per-view backgrounds) against the views; see the module docstring."""
+    """Optimises Gaussians (and the coarse outer volume) against the views; see the module docstring."""
 
     LEARNING_RATES = {"position": 2e-3, "scale": 5e-3, "rotation": 1e-3, "density": 2e-2}
     FINAL_LR_FRACTION = 0.1
-    BACKGROUND_LR = 5e-2
-    BACKGROUND_CELLS = 4  # per image side
+    OUTER_LR = 5e-4  # 1/mm per step
+    OUTER_CELLS = 40  # voxels along each side of the outer volume
     DSSIM_WEIGHT = 0.25
     TV_WEIGHT = 0.05
     TV_PATCH = 16  # voxels per side, on a grid twice as coarse as the output (cost grows with voxels per Gaussian)
@@ -285,6 +338,11 @@ class _GaussianTrainer:
         self.support_grid = support_grid
         support = support_grid.roi
         self.tv_grid = support.grid(self.TV_COARSENING * max(support_grid.spacing))
+        outer = surrounding_box(scan, support, OUTER_FACTOR / settings.support_factor)
+        self.outer_grid = outer.grid(max(outer.size) / self.OUTER_CELLS)
+        # The outer volume stops where the Gaussians' support begins: one owner per region.
+        self.outer_mask = torch.as_tensor(~support.contains(self.outer_grid.voxel_centers()), dtype=torch.float32,
+                                          device=device)
         preset = PRESETS[settings.preset]
         self.iterations = settings.iterations or preset["iterations"]
         self.max_gaussians = max(preset["max_gaussians"], settings.gaussians or 0)
@@ -294,10 +352,8 @@ class _GaussianTrainer:
         self.last_loss = float("nan")
         self.iteration = 0
         self.stop_reason = "completed"
-        self.model = self._initial_model(preset)
-        n_views = len(scan.views)
-        self.background = torch.zeros((n_views, self.BACKGROUND_CELLS, self.BACKGROUND_CELLS), device=device,
-                                      requires_grad=True)
+        self.model, outer_values = self._initial_state(preset)
+        self.outer = outer_values.to(device).requires_grad_(True)
         self.optimizer = self._optimizer()
         if settings.resume is not None:
             self._load(settings.resume)
@@ -320,23 +376,30 @@ class _GaussianTrainer:
             levels.append(_Level(factor, images, rays))
         return levels
 
-    def _initial_model(self, preset: dict) -> GaussianModel:
+    def _initial_state(self, preset: dict) -> tuple[GaussianModel, torch.Tensor]:
+        """Gaussians in the support and the outer volume: from a coarse SART, or random and uniform."""
         n = self.settings.gaussians or preset["gaussians"]
         support = self.support_grid.roi
         if self.settings.init == "sart":
-            sart_grid = support.grid(max(support.size) / 64)  # coarse: a warm start, not the answer
-            values = _sart(self.scan, sart_grid, 2 * len(self.scan.views), self.device, self.clock,
-                           self.settings.seed, budget_fraction=0.25)
-            return GaussianModel.from_volume(values.to(self.device), sart_grid, n, self.generator, support=support)
-        # Random init with the mean attenuation the views imply: line integral / path length.
-        mean_path_mm = float(np.mean(support.size))
+            sart_grid = self.outer_grid.roi.grid(max(self.outer_grid.roi.size) / 96)  # a warm start, not the answer
+            values = _sart(self.scan, sart_grid, 2, self.device, self.clock, self.settings.seed, budget_fraction=0.25)
+            inner_grid = support.grid(max(sart_grid.spacing))
+            inner = sample_volume(values, sart_grid, torch.as_tensor(inner_grid.voxel_centers(), dtype=values.dtype,
+                                                                    device=values.device))
+            model = GaussianModel.from_volume(inner, inner_grid, n, self.generator, support=support)
+            outer = sample_volume(values, sart_grid, torch.as_tensor(self.outer_grid.voxel_centers(),
+                                                                     dtype=values.dtype, device=values.device))
+            return model.to(self.device), outer
+        # Uniform start at the mean attenuation the views imply: line integral / path length.
+        mean_path_mm = float(np.mean(self.outer_grid.roi.size))
         mean_attenuation = float(np.mean([view.image.mean() for view in self.scan.views])) / mean_path_mm
-        density = max(mean_attenuation, 1e-3) * 0.5
-        return GaussianModel.random(support, n, self.generator, density=density, device=self.device)
+        mean_attenuation = max(mean_attenuation, 1e-3)
+        model = GaussianModel.random(support, n, self.generator, density=0.5 * mean_attenuation, device=self.device)
+        return model, torch.full(self.outer_grid.shape, mean_attenuation)
 
     def _optimizer(self) -> torch.optim.Adam:
         groups = self.model.parameter_groups(self.LEARNING_RATES)
-        groups.append({"params": [self.background], "lr": self.BACKGROUND_LR, "name": "background"})
+        groups.append({"params": [self.outer], "lr": self.OUTER_LR, "name": "outer"})
         for group in groups:
             group["initial_lr"] = group["lr"]
         return torch.optim.Adam(groups, eps=1e-15)
@@ -351,7 +414,7 @@ class _GaussianTrainer:
     def _set_learning_rates(self, iteration: int) -> None:
         decay = self.FINAL_LR_FRACTION ** (iteration / max(self.iterations - 1, 1))
         for group in self.optimizer.param_groups:
-            if group["name"] in ("position", "background"):
+            if group["name"] in ("position", "outer"):
                 group["lr"] = group["initial_lr"] * decay
 
     # ----- the loop -------------------------------------------------------------------------------
@@ -373,8 +436,8 @@ class _GaussianTrainer:
             self._set_learning_rates(it)
             self.optimizer.zero_grad(set_to_none=True)
             rendered, radii = render(self.model, level.rays[index], return_radii=True)
-            loss = projection_loss(rendered + self._background(index, rendered.shape), level.images[index],
-                                   self.DSSIM_WEIGHT)
+            rendered = rendered + self._outer_projection(level.rays[index])
+            loss = projection_loss(rendered, level.images[index], self.DSSIM_WEIGHT)
             loss = loss + self.TV_WEIGHT * self._tv_loss()
             loss.backward()
             with torch.no_grad():
@@ -382,6 +445,8 @@ class _GaussianTrainer:
                 grad_accum[visible] += self.model._position.grad[visible].norm(dim=1)
                 seen[visible] += 1
             self.optimizer.step()
+            with torch.no_grad():
+                self.outer.clamp_(min=0.0)
             self.last_loss = loss.item()
             self.loss_curve.append((it, self.last_loss))
             self.iteration = it + 1
@@ -395,20 +460,18 @@ class _GaussianTrainer:
                 self._save(self.settings.checkpoint)
             self.clock.report("gaussian", self.iteration, self.iterations, self.last_loss)
 
-    def _background(self, index: int, shape: tuple[int, int]) -> torch.Tensor:
-        """View ``index``'s smooth background (attenuation outside the support), at image ``shape``."""
-        return F.interpolate(self.background[index][None, None], size=shape, mode="bilinear",
-                             align_corners=True)[0, 0]
+    def _outer_projection(self, rays) -> torch.Tensor:
+        """Line integrals through the outer volume (attenuation beyond the Gaussians' support)."""
+        return forward_project(self.outer * self.outer_mask, self.outer_grid, rays)
 
     @torch.no_grad()
     def reprojections(self, indices: list[int]) -> dict[int, torch.Tensor]:
-        """Views ``indices`` at full resolution as the model (and its backgrounds) sees them."""
+        """Views ``indices`` at full resolution as the model (with the outer volume) sees them."""
         rays = self.levels[-1].rays
-        return {index: render(self.model, rays[index]) + self._background(index, rays[index].shape)
-                for index in indices}
+        return {index: render(self.model, rays[index]) + self._outer_projection(rays[index]) for index in indices}
 
     def _tv_loss(self) -> torch.Tensor:
-        """3D TV of a random patch of the support grid, in units of attenuation x half the support side
+        """3D TV of a random patch of the support, in units of attenuation x half the support side
         (R2-Gaussian's normalised scene), so the weight means what it means there."""
         shape = self.tv_grid.shape
         size = [min(self.TV_PATCH, n) for n in shape]
@@ -426,7 +489,7 @@ class _GaussianTrainer:
         state = {
             "iteration": self.iteration,
             "model": self.model.state_dict(),
-            "background": self.background.detach().cpu(),
+            "outer": self.outer.detach().cpu(),
             "optimizer": self.optimizer.state_dict(),
             "generator": self.generator.get_state(),
             "loss_curve": self.loss_curve,
@@ -443,11 +506,11 @@ class _GaussianTrainer:
             state = torch.load(path, map_location=self.device, weights_only=False)
             self.model = GaussianModel.from_state_dict(state["model"]).to(self.device)
             with torch.no_grad():
-                self.background.copy_(state["background"])
+                self.outer.copy_(state["outer"])
             self.optimizer = self._optimizer()
             self.optimizer.load_state_dict(state["optimizer"])
             self.generator.set_state(state["generator"])
             self.iteration = int(state["iteration"])
             self.loss_curve = [tuple(item) for item in state["loss_curve"]]
-        except (KeyError, RuntimeError, ValueError, EOFError) as error:
+        except (KeyError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as error:
             raise ValueError(f"resume checkpoint {path}: not a usable IXGS checkpoint ({error})") from None

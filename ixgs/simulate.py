@@ -24,7 +24,9 @@ from .projector import forward_project, sample_volume
 from .scan import write_scan
 from .volume import Volume
 
-ROI_MARGIN = 0.1  # detector field of view at the isocentre / the ROI's largest side - 1
+# Detector field of view at the isocentre / the ROI's largest side: a 30 cm flat panel (or a 9-inch
+# intensifier) sees about 180 mm at the isocentre, around a 110 mm region of interest.
+FIELD_OF_VIEW_FACTOR = 1.6
 BONE_HU = 300.0
 
 
@@ -116,14 +118,15 @@ def bone_roi(phantom: Volume, margin_mm: float = 10.0) -> Roi:
     return Roi(tuple(float(c) for c in 0.5 * (lower + upper)), tuple(float(s) for s in upper - lower))
 
 
-def fitting_pixel_spacing(poses: list[CArmPose], roi: Roi, detector_px: int) -> float:
-    """Square detector pixel spacing (mm) of one detector for all poses: the ROI's largest side,
-    plus a margin, spans the detector at the largest isocentre magnification (SID / SOD).
+def fitting_pixel_spacing(poses: list[CArmPose], roi: Roi, detector_px: int,
+                          field_of_view_factor: float = FIELD_OF_VIEW_FACTOR) -> float:
+    """Square detector pixel spacing (mm) of one detector for all poses: ``field_of_view_factor``
+    times the ROI's largest side spans the detector at the largest isocentre magnification (SID / SOD).
 
     Oblique views may clip the ROI's corners, as a real C-arm's fixed field of view does.
     """
     magnification = max(pose.source_to_detector_mm / pose.source_to_isocenter_mm for pose in poses)
-    return max(roi.size) * (1.0 + ROI_MARGIN) * magnification / detector_px
+    return max(roi.size) * field_of_view_factor * magnification / detector_px
 
 
 def reference_volume(attenuation: torch.Tensor, grid, roi: Roi, voxel_size_mm: float) -> Volume:
@@ -138,12 +141,12 @@ def reference_volume(attenuation: torch.Tensor, grid, roi: Roi, voxel_size_mm: f
 def simulate_scan(phantom: Volume, out_dir: str | os.PathLike, n_views: int = 20, detector_px: int = 128,
                   seed: int = 0, transmission: bool = False, i0: float = 1e4, blur_px: float = 0.7,
                   roi: Roi | None = None, progress: Callable[[int, int], None] | None = None,
-                  device="cpu") -> Path:
+                  device="cpu", field_of_view_factor: float = FIELD_OF_VIEW_FACTOR) -> Path:
     """Simulate C-arm views of a CT phantom (HU) and write them as a scan folder.
 
-    The ROI (default: the bone's bounding box) sits at the isocentre and, with a small margin,
-    fills the square detector (:func:`fitting_pixel_spacing`); the rest of the body is truncated,
-    as in real intraoperative views.
+    The ROI (default: the bone's bounding box) sits at the isocentre; the detector sees
+    ``field_of_view_factor`` times its largest side (:func:`fitting_pixel_spacing`; 1.1 makes the ROI
+    fill the detector); the rest of the body is truncated, as in real intraoperative views.
     Attenuation scans hold exact line integrals; transmission scans hold
     ``Poisson(i0 exp(-line integral))`` blurred by a Gaussian of ``blur_px`` pixels, with ``i0``
     written. The ground truth attenuation on the ROI is written as the reference volume.
@@ -156,7 +159,7 @@ def simulate_scan(phantom: Volume, out_dir: str | os.PathLike, n_views: int = 20
     rng = np.random.default_rng(seed)
     roi = bone_roi(phantom) if roi is None else roi
     poses = random_c_arm_poses(n_views, rng)
-    spacing = fitting_pixel_spacing(poses, roi, detector_px)
+    spacing = fitting_pixel_spacing(poses, roi, detector_px, field_of_view_factor)
     grid = phantom.grid
     attenuation = hu_to_attenuation(torch.as_tensor(np.asarray(phantom.array, dtype=np.float32), device=device))
     images, matrices = [], []
