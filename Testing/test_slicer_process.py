@@ -22,6 +22,7 @@ from IXGSReconstructionLib.process import (  # noqa: E402
     format_progress,
     parse_progress,
 )
+from ixgs.cli import settings_arguments  # noqa: E402
 from ixgs.geometry import Roi  # noqa: E402
 
 CONTRACT_SCRIPT = textwrap.dedent('''
@@ -59,13 +60,13 @@ def _run(tmp_path: Path, mode: str) -> ReconstructionProcess:
 def test_settings_become_cli_arguments():
     settings = ReconstructionSettings(method="sart", preset="fast", init="sart", device="cpu", seed=7,
                                       voxel_size_mm=1.5, roi=Roi((1.0, 2.0, 3.0), (40.0, 50.0, 60.0)))
-    args = settings.arguments()
+    args = settings_arguments(settings)
     assert args[args.index("--roi") + 1:args.index("--roi") + 7] == ["1.0", "2.0", "3.0", "40.0", "50.0", "60.0"]
     assert args[args.index("--voxel-size") + 1] == "1.5" and args[args.index("--seed") + 1] == "7"
     with pytest.raises(ValueError, match="device"):
-        ReconstructionSettings(device="tpu").arguments()
-    with pytest.raises(ValueError, match="voxel size"):
-        ReconstructionSettings(voxel_size_mm=0.0).arguments()
+        settings_arguments(ReconstructionSettings(device="tpu"))
+    with pytest.raises(ValueError, match="voxel_size_mm"):
+        settings_arguments(ReconstructionSettings(voxel_size_mm=0.0))
     with pytest.raises(ValueError, match="scan.json"):
         ReconstructionProcess.for_scan("/nonexistent/scan", ReconstructionSettings())
 

@@ -94,13 +94,10 @@ def test_no_dependency_is_installed_at_import_time():
 
 def test_parameter_choices_match_the_logic():
     pytest.importorskip("slicer", reason="needs PyPI slicer-core (pip install slicer-core)")
-    import sys
-
-    sys.path.insert(0, str(ROOT / "IXGSReconstruction"))
-    from IXGSReconstructionLib import process
+    from ixgs import reconstruct
 
     code = (ROOT / "IXGSReconstruction" / "IXGSReconstruction.py").read_text()
-    for field, options in (("preset", process.PRESETS), ("method", process.METHODS), ("init", process.INITS),
-                           ("device", process.DEVICES)):
+    for field, options in (("preset", tuple(reconstruct.PRESETS)), ("method", reconstruct.METHODS),
+                           ("init", reconstruct.INITS), ("device", reconstruct.DEVICES)):
         choice = re.search(rf"^\s+{field}: Annotated\[str, Choice\((\[.*?\])\)\]", code, flags=re.M)
         assert choice and tuple(ast.literal_eval(choice.group(1))) == options, field

@@ -97,6 +97,23 @@ def reconstruct_to_folder(scan_path: Path, out_dir: Path, settings, bone_thresho
                          result.loss_curve)
 
 
+def settings_arguments(settings) -> list[str]:
+    """The ``ixgs reconstruct`` options that reproduce ``settings`` (the inverse of reading them back):
+    how the Slicer module starts the engine in a background process."""
+    settings.validate()
+    args = ["--method", settings.method, "--preset", settings.preset, "--init", settings.init,
+            "--device", settings.device, "--seed", str(int(settings.seed))]
+    for option, value in (("--voxel-size", settings.voxel_size_mm), ("--time-budget", settings.time_budget_s)):
+        if value is not None:
+            args += [option, repr(float(value))]
+    for option, value in (("--iterations", settings.iterations), ("--gaussians", settings.gaussians)):
+        if value is not None:
+            args += [option, str(int(value))]
+    if settings.roi is not None:
+        args += ["--roi", *(repr(float(v)) for v in (*settings.roi.center, *settings.roi.size))]
+    return args
+
+
 def _settings_from(args):
     from .reconstruct import ReconstructionSettings
 

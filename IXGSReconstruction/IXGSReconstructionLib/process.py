@@ -19,61 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import ixgs
-from ixgs.geometry import Roi
-
-METHODS = ("gaussian", "sart")
-INITS = ("random", "sart")
-DEVICES = ("auto", "cpu", "cuda")
-PRESETS = ("fast", "standard", "high")
-
-
-@dataclass(frozen=True)
-class ReconstructionSettings:
-    """What the user chose; ``None`` leaves the engine's default (e.g. the scan's ROI)."""
-
-    method: str = "gaussian"
-    preset: str = "standard"
-    init: str = "random"
-    device: str = "auto"
-    seed: int = 0
-    voxel_size_mm: float | None = None
-    iterations: int | None = None
-    time_budget_s: float | None = None
-    roi: Roi | None = None
-
-    def validate(self) -> None:
-        for name, value, options in (("method", self.method, METHODS), ("init", self.init, INITS),
-                                     ("device", self.device, DEVICES), ("preset", self.preset, PRESETS)):
-            if value not in options:
-                raise ValueError(f"{name} must be one of {options}, got {value!r}")
-        if self.voxel_size_mm is not None and not self.voxel_size_mm > 0:
-            raise ValueError(f"voxel size must be > 0 mm, got {self.voxel_size_mm}")
-        if self.iterations is not None and self.iterations < 1:
-            raise ValueError(f"iterations must be >= 1, got {self.iterations}")
-        if self.time_budget_s is not None and not self.time_budget_s > 0:
-            raise ValueError(f"time budget must be > 0 s, got {self.time_budget_s}")
-
-    def arguments(self) -> list[str]:
-        """The CLI options, in the engine's units (mm, s, LPS)."""
-        self.validate()
-        args = ["--method", self.method, "--preset", self.preset, "--init", self.init,
-                "--device", self.device, "--seed", str(int(self.seed))]
-        if self.voxel_size_mm is not None:
-            args += ["--voxel-size", repr(float(self.voxel_size_mm))]
-        if self.iterations is not None:
-            args += ["--iterations", str(int(self.iterations))]
-        if self.time_budget_s is not None:
-            args += ["--time-budget", repr(float(self.time_budget_s))]
-        if self.roi is not None:
-            args += ["--roi", *(repr(float(v)) for v in (*self.roi.center, *self.roi.size))]
-        return args
-
+from ixgs.cli import settings_arguments
+from ixgs.reconstruct import ReconstructionSettings
 
 def reconstruct_command(scan_path: str | os.PathLike, output_path: str | os.PathLike,
                         settings: ReconstructionSettings, python_executable: str | None = None) -> list[str]:
     """``python -m ixgs reconstruct SCAN -o OUT ... --progress json``."""
     return [python_executable or sys.executable, "-m", "ixgs", "reconstruct", str(scan_path),
-            "-o", str(output_path), *settings.arguments(), "--progress", "json"]
+            "-o", str(output_path), *settings_arguments(settings), "--progress", "json"]
 
 
 def parse_progress(line: str) -> dict | None:
