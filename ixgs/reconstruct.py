@@ -326,8 +326,10 @@ class _GaussianTrainer:
     TV_PATCH = 16  # voxels per side, on a grid twice as coarse as the output (cost grows with voxels per Gaussian)
     TV_COARSENING = 2
     DENSIFY_EVERY = 50
-    DENSIFY_FROM, DENSIFY_UNTIL = 0.1, 0.6  # fractions of the iterations
-    DENSIFY_GRAD_THRESHOLD = 2e-4
+    DENSIFY_FROM, DENSIFY_UNTIL = 0.1, 0.6  # fractions of the run
+    # Densify the Gaussians with the largest mean positional gradient: the top DENSIFY_FRACTION each
+    # round (gradients of all Gaussians are of one order here, so a fixed threshold clones all or none).
+    DENSIFY_FRACTION = 0.1
     SPLIT_SCALE_FRACTION = 0.05
     MIN_DENSITY = 2e-4  # 1/mm
     MIN_LEVEL_PIXELS = 32
@@ -405,14 +407,24 @@ class _GaussianTrainer:
         return torch.optim.Adam(groups, eps=1e-15)
 
     # ----- schedule -------------------------------------------------------------------------------
-    def _level_at(self, iteration: int) -> _Level:
-        """Coarse levels take the first 40 % of the iterations, equally; the finest the rest."""
+    def _progress_fraction(self) -> float:
+        """How far the run is, 0..1: by iterations, or by the time budget when that ends it sooner.
+
+        The schedules (resolution levels, learning-rate decay, densification window) follow this, so
+        a run cut short by its budget still goes through all of them."""
+        fraction = self.iteration / self.iterations
+        if self.clock.budget_s is not None:
+            fraction = max(fraction, self.clock.elapsed() / self.clock.budget_s)
+        return min(fraction, 1.0)
+
+    def _level_at(self, fraction: float) -> _Level:
+        """Coarse levels take the first 40 % of the run, equally; the finest the rest."""
         coarse = self.levels[:-1]
-        index = int(iteration / (0.4 * self.iterations) * len(coarse)) if coarse else 0
+        index = int(fraction / 0.4 * len(coarse)) if coarse else 0
         return self.levels[min(index, len(self.levels) - 1)]
 
-    def _set_learning_rates(self, iteration: int) -> None:
-        decay = self.FINAL_LR_FRACTION ** (iteration / max(self.iterations - 1, 1))
+    def _set_learning_rates(self, fraction: float) -> None:
+        decay = self.FINAL_LR_FRACTION ** fraction
         for group in self.optimizer.param_groups:
             if group["name"] in ("position", "outer"):
                 group["lr"] = group["initial_lr"] * decay
@@ -423,7 +435,6 @@ class _GaussianTrainer:
         order = torch.randperm(n_views, generator=self.generator)
         grad_accum = torch.zeros(len(self.model), device=self.device)
         seen = torch.zeros(len(self.model), device=self.device)
-        densify_from, densify_until = (int(f * self.iterations) for f in (self.DENSIFY_FROM, self.DENSIFY_UNTIL))
         while self.iteration < self.iterations:
             if self.clock.over_budget(reserve_s=self._voxelize_reserve_s()):
                 self.stop_reason = "time_budget"
@@ -432,8 +443,9 @@ class _GaussianTrainer:
             index = int(order[it % n_views])
             if it % n_views == n_views - 1:
                 order = torch.randperm(n_views, generator=self.generator)
-            level = self._level_at(it)
-            self._set_learning_rates(it)
+            fraction = self._progress_fraction()
+            level = self._level_at(fraction)
+            self._set_learning_rates(fraction)
             self.optimizer.zero_grad(set_to_none=True)
             rendered, radii = render(self.model, level.rays[index], return_radii=True)
             rendered = rendered + self._outer_projection(level.rays[index])
@@ -450,10 +462,12 @@ class _GaussianTrainer:
             self.last_loss = loss.item()
             self.loss_curve.append((it, self.last_loss))
             self.iteration = it + 1
-            if densify_from <= self.iteration <= densify_until and self.iteration % self.DENSIFY_EVERY == 0:
+            if self.DENSIFY_FROM <= fraction <= self.DENSIFY_UNTIL and self.iteration % self.DENSIFY_EVERY == 0:
+                mean_gradient = grad_accum / seen.clamp(min=1)
+                threshold = float(torch.quantile(mean_gradient, 1.0 - self.DENSIFY_FRACTION))
                 self.model.densify_and_prune(
-                    self.optimizer, grad_accum / seen.clamp(min=1), self.DENSIFY_GRAD_THRESHOLD,
-                    self.SPLIT_SCALE_FRACTION, self.MIN_DENSITY, self.max_gaussians, self.generator)
+                    self.optimizer, mean_gradient, max(threshold, 1e-12), self.SPLIT_SCALE_FRACTION,
+                    self.MIN_DENSITY, self.max_gaussians, self.generator)
                 grad_accum = torch.zeros(len(self.model), device=self.device)
                 seen = torch.zeros(len(self.model), device=self.device)
             if self.settings.checkpoint is not None and self.iteration % self.settings.checkpoint_every == 0:
