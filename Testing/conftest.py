@@ -65,10 +65,21 @@ def _deterministic_torch():
 
 @pytest.fixture(scope="session")
 def small_spine_scan(tmp_path_factory):
-    """A truncated 12-view, 48-pixel attenuation scan of the spine phantom (2 mm), with its reference."""
+    """A truncated 12-view, 64-pixel attenuation scan of the spine phantom (2 mm), with its reference."""
     from ixgs.phantom import default_roi, make_phantom
     from ixgs.simulate import simulate_scan
 
     folder = tmp_path_factory.mktemp("spine") / "scan"
-    return simulate_scan(make_phantom("spine", seed=3, voxel_size_mm=2.0), folder, n_views=12, detector_px=48,
+    return simulate_scan(make_phantom("spine", seed=3, voxel_size_mm=2.0), folder, n_views=12, detector_px=64,
                          seed=3, roi=default_roi("spine"))
+
+
+@pytest.fixture(scope="session")
+def small_knee_scan(tmp_path_factory):
+    """A 12-view, 64-pixel attenuation scan of the knee phantom (2 mm), with its reference."""
+    from ixgs.phantom import default_roi, make_phantom
+    from ixgs.simulate import simulate_scan
+
+    folder = tmp_path_factory.mktemp("knee") / "scan"
+    return simulate_scan(make_phantom("knee", seed=3, voxel_size_mm=2.0), folder, n_views=12, detector_px=64,
+                         seed=3, roi=default_roi("knee"))

@@ -68,6 +68,8 @@ class ReconstructionSettings:
     roi: Roi | None = None
     # Gaussian support side / ROI side: room for anatomy just outside the ROI.
     support_factor: float = 1.2
+    # SART's grid side / ROI side: SART has no other model of the tissue outside the ROI.
+    sart_factor: float = 2.5
     # Longest side of the default grid, in voxels.
     default_grid_size: int = 128
     checkpoint: Path | None = None
@@ -96,8 +98,9 @@ class ReconstructionSettings:
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
                 bad(name, f"must be a positive number, got {value!r}")
-        if not self.support_factor >= 1.0:
-            bad("support_factor", f"must be >= 1, got {self.support_factor!r}")
+        for name in ("support_factor", "sart_factor"):
+            if not getattr(self, name) >= 1.0:
+                bad(name, f"must be >= 1, got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict:
         values = asdict(self)
@@ -183,8 +186,7 @@ def support_padding(grid: Grid, factor: float) -> tuple[int, int, int]:
 # the ROI's longest side, kept well clear of the X-ray sources.
 OUTER_FACTOR = 4.0
 SOURCE_CLEARANCE = 0.45  # of the distance from the ROI centre to the nearest source, per half side
-# SART reconstructs on a box SART_FACTOR times the ROI, at SART_VOXEL_FACTOR times the output voxel.
-SART_FACTOR = 2.5
+# SART reconstructs at SART_VOXEL_FACTOR times the output voxel, on its wider grid.
 SART_VOXEL_FACTOR = 1.5
 
 
@@ -209,7 +211,7 @@ def reconstruct(scan: Scan, settings: ReconstructionSettings | None = None,
     clock = _Clock(start, settings.time_budget_s, progress, cancel)
     centers = torch.as_tensor(grid.voxel_centers(), dtype=torch.float32, device=device)
     if settings.method == "sart":
-        sart_grid = _sart_grid(scan, grid)
+        sart_grid = _sart_grid(scan, grid, settings.sart_factor)
         values = _sart(scan, sart_grid, settings.iterations or 2, device, clock, settings.seed)
         with torch.no_grad():
             volume = sample_volume(values, sart_grid, centers)
@@ -250,9 +252,9 @@ def _mean_psnr(reprojections: dict[int, np.ndarray], scan: Scan) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
-def _sart_grid(scan: Scan, grid: Grid) -> Grid:
+def _sart_grid(scan: Scan, grid: Grid, factor: float) -> Grid:
     """SART's grid: wide enough for most tissue the views cross, coarse enough to stay affordable."""
-    return surrounding_box(scan, grid.roi, SART_FACTOR).grid(SART_VOXEL_FACTOR * max(grid.spacing))
+    return surrounding_box(scan, grid.roi, factor).grid(SART_VOXEL_FACTOR * max(grid.spacing))
 
 
 def _check_sources_outside(scan: Scan, support: Roi) -> None:
