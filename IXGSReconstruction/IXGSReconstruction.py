@@ -108,7 +108,7 @@ class IXGSReconstructionParameterNode:
     voxelSizeMm: Annotated[float, WithinRange(0.0, 20.0)] = 0.0  # 0: the engine's default
     preset: Annotated[str, Choice(["fast", "standard", "high"])] = "standard"
     method: Annotated[str, Choice(["gaussian", "sart"])] = "gaussian"
-    init: Annotated[str, Choice(["random", "sart"])] = "random"
+    init: Annotated[str, Choice(["random", "sart"])] = "sart"  # the engine's default
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
     seed: Annotated[int, WithinRange(0, 2147483647)] = 0
     outputDirectory: pathlib.Path

@@ -222,7 +222,50 @@ def _cmd_export_r2gaussian(args) -> int:
     return 0
 
 
+def _cmd_make_standardization_data(args) -> int:
+    from .standardize.pairs_data import make_standardization_data, pairs_from_scan
+
+    if (args.scan is None) != (args.ct is None):
+        raise ValueError("--scan and --ct go together (a site's own pairs: real views and DRRs of the registered CT)")
+    if args.scan is not None:
+        path = pairs_from_scan(args.scan, args.ct, args.output)
+    else:
+        with tqdm(total=args.pairs, desc="pairs", unit="pair", file=sys.stderr,
+                  disable=args.progress == "none") as bar:
+            path = make_standardization_data(args.output, args.pairs, seed=args.seed, detector_px=args.detector,
+                                             progress=lambda done, total: bar.update(done - bar.n))
+    print(str(path))
+    return 0
+
+
+def _cmd_train_standardizer(args) -> int:
+    from .standardize.pix2pix import TrainSettings, train_standardizer
+
+    settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, ngf=args.ngf, ndf=args.ngf,
+                             seed=args.seed, checkpoint_every=args.checkpoint_every, device=args.device,
+                             init_weights=args.init_weights)
+    with tqdm(total=args.epochs, desc="train", unit="epoch", file=sys.stderr,
+              disable=args.progress == "none") as bar:
+        def report(epoch, epochs, row):
+            bar.update(epoch - bar.n)
+            bar.set_postfix(l1=f"{row['loss_g_l1']:.4f}", d=f"{row['loss_d']:.3f}")
+
+        row = train_standardizer(args.data, args.output, settings, resume=args.resume, progress=report)
+    print(json.dumps({"weights": str(args.output), **row}))
+    return 0
+
+
+def _cmd_standardize(args) -> int:
+    from .standardize.pix2pix import standardize_scan_with
+
+    print(str(standardize_scan_with(args.method, args.scan, args.output, args.weights, args.device)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .reconstruct import DEVICES, INITS, METHODS, PRESETS, ReconstructionSettings
+
+    defaults = ReconstructionSettings()
     parser = argparse.ArgumentParser(prog="ixgs", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"ixgs {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -231,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("-o", "--output", default="ixgs-demo", help="output folder (default: ixgs-demo)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--time-budget", type=float, default=150.0, help="seconds for the reconstruction")
-    demo.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    demo.add_argument("--device", choices=DEVICES, default=defaults.device)
     demo.set_defaults(run=_cmd_demo)
 
     simulate = commands.add_parser("simulate", help="simulate a C-arm scan of a phantom")
@@ -247,13 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
     rec = commands.add_parser("reconstruct", help="reconstruct a scan into volume, bone label and coverage")
     rec.add_argument("scan")
     rec.add_argument("-o", "--output", required=True)
-    rec.add_argument("--method", choices=("gaussian", "sart"), default="gaussian")
-    rec.add_argument("--preset", choices=("fast", "standard", "high"), default="standard")
+    rec.add_argument("--method", choices=METHODS, default=defaults.method)
+    rec.add_argument("--preset", choices=tuple(PRESETS), default=defaults.preset)
     rec.add_argument("--iterations", type=int)
     rec.add_argument("--voxel-size", type=float, help="mm (default: ROI's longest side / 128)")
-    rec.add_argument("--init", choices=("random", "sart"), default="random")
-    rec.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    rec.add_argument("--seed", type=int, default=0)
+    rec.add_argument("--init", choices=INITS, default=defaults.init)
+    rec.add_argument("--device", choices=DEVICES, default=defaults.device)
+    rec.add_argument("--seed", type=int, default=defaults.seed)
     rec.add_argument("--time-budget", type=float, help="seconds; the result so far is returned when spent")
     rec.add_argument("--gaussians", type=int, help="initial number of Gaussians (default: the preset's)")
     rec.add_argument("--roi", type=float, nargs=6, metavar=("CX", "CY", "CZ", "SX", "SY", "SZ"),
@@ -294,6 +337,39 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("scan")
     exp.add_argument("-o", "--output", required=True)
     exp.set_defaults(run=_cmd_export_r2gaussian)
+    data = commands.add_parser("make-standardization-data",
+                               help="paired (realistic X-ray, bone-enhanced DRR) images to train the standardizer")
+    data.add_argument("-o", "--output", required=True, help="output folder (manifest.json, inputs/, targets/)")
+    data.add_argument("--pairs", type=int, default=320)
+    data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--detector", type=int, default=128, help="image size in pixels (square)")
+    data.add_argument("--scan", help="a site's own pairs: the real views of this scan ...")
+    data.add_argument("--ct", help="... with DRRs of this registered CT (HU, same LPS frame, axis-aligned)")
+    data.add_argument("--progress", choices=("bar", "none"), default="bar")
+    data.set_defaults(run=_cmd_make_standardization_data)
+
+    train = commands.add_parser("train-standardizer", help="train the pix2pix standardizer on a pairs folder")
+    train.add_argument("data", help="folder written by make-standardization-data (or a site's pairs)")
+    train.add_argument("-o", "--output", required=True,
+                       help="weights file (.pt); <output>.sha256, .ckpt (resume) and .csv (losses) go beside it")
+    train.add_argument("--epochs", type=int, default=100)
+    train.add_argument("--batch-size", type=int, default=4)
+    train.add_argument("--ngf", type=int, default=16, help="filters of the first layer (generator and discriminator)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--checkpoint-every", type=int, default=5, help="epochs")
+    train.add_argument("--resume", action="store_true", help="continue from <output>.ckpt")
+    train.add_argument("--init-weights", help="start the generator from these weights (fine-tuning on a site's pairs)")
+    train.add_argument("--device", choices=DEVICES, default=defaults.device)
+    train.add_argument("--progress", choices=("bar", "none"), default="bar")
+    train.set_defaults(run=_cmd_train_standardizer)
+
+    std = commands.add_parser("standardize", help="standardize a scan's views: same geometry, attenuation intensity")
+    std.add_argument("scan")
+    std.add_argument("-o", "--output", required=True)
+    std.add_argument("--method", choices=("pix2pix", "classical"), default="pix2pix")
+    std.add_argument("--weights", help="pix2pix weights (default: Resources/Weights/pix2pix_standardizer.pt)")
+    std.add_argument("--device", choices=DEVICES, default=defaults.device)
+    std.set_defaults(run=_cmd_standardize)
     return parser
 
 
