@@ -5,7 +5,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from ixgs.phantom import MU_WATER_PER_MM, hu_to_attenuation, make_phantom
 from ixgs.projector import project_volume
