@@ -33,7 +33,7 @@ from skimage.morphology import disk, white_tophat
 
 from .geometry import Roi, compose_projection_matrix, normalize_projection_matrix, project_points, view_rays
 from .scan import decompose_projection_matrix, read_scan, write_scan
-from .volume import atomic_path
+from .volume import atomic_path, read_json_object
 
 LAYOUT_FORMAT = "ixgs.bead_layout"
 MIN_BEADS = 8  # beads needed to solve 11 unknowns with redundancy against one wrong pair
@@ -81,13 +81,8 @@ def load_layout(spec: str | os.PathLike) -> BeadLayout:
     if str(spec) == "helix":
         return helix_layout()
     path = Path(spec)
-    if not path.is_file():
-        raise ValueError(f"{path}: bead layout not found (give 'helix' or a JSON file)")
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(meta, dict) or meta.get("format") != LAYOUT_FORMAT:
+    meta = read_json_object(path, "bead layout not found (give 'helix' or a JSON file)")
+    if meta.get("format") != LAYOUT_FORMAT:
         raise ValueError(f"{path}: field 'format' must be {LAYOUT_FORMAT!r}")
     try:
         beads = np.asarray(meta.get("beads_mm"), dtype=np.float64)

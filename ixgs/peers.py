@@ -26,7 +26,7 @@ import numpy as np
 from .dicom import pixel_axes_matrix
 from .geometry import Grid, closest_point_to_lines, compose_projection_matrix, normalize_projection_matrix
 from .scan import Scan, decompose_projection_matrix, read_scan, write_scan
-from .volume import Volume, atomic_path, check_replaceable
+from .volume import Volume, atomic_path, check_replaceable, read_json_object
 
 FORMATS = ("r2gaussian", "naf", "tigre")
 METRE_MM = 1000.0
@@ -92,7 +92,7 @@ def read_r2gaussian(folder: str | os.PathLike, unit_mm: float | None = None, iso
     written by :func:`export_r2gaussian`, says otherwise."""
     folder = Path(folder)
     manifest = folder / "meta_data.json"
-    meta = _read_json(manifest)
+    meta = read_json_object(manifest)
     ours = meta.get("ixgs", {}) if isinstance(meta.get("ixgs"), dict) else {}
     unit = float(unit_mm or ours.get("unit_mm", METRE_MM))
     isocenter = np.asarray(isocenter_mm if isocenter_mm is not None else ours.get("isocenter_lps_mm", (0, 0, 0)), float)
@@ -163,7 +163,7 @@ def read_tigre(folder: str | os.PathLike, isocenter_mm=(0.0, 0.0, 0.0)):
     returns them); ``DSD``, ``DSO`` and ``offDetector`` may be given per angle."""
     folder = Path(folder)
     manifest = folder / "geometry.json"
-    geo = _read_json(manifest)
+    geo = read_json_object(manifest)
     if geo.get("mode", "cone") != "cone":
         raise ValueError(f"{manifest}: 'mode' {geo.get('mode')!r}: only 'cone' beams are supported")
     for name in ("rotDetector", "COR"):
@@ -295,18 +295,6 @@ class _SafeUnpickler(pickle.Unpickler):
         if (module, name) in self.ALLOWED:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise ValueError(f"{path}: file not found")
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(meta, dict):
-        raise ValueError(f"{path}: top level must be a JSON object")
-    return meta
 
 
 def _load_npy(path: Path, label: str) -> np.ndarray:

@@ -23,7 +23,7 @@ from .geometry import (
     ras_to_lps_matrix,
     source_position,
 )
-from .volume import Volume, atomic_path, check_replaceable
+from .volume import Volume, atomic_path, check_replaceable, read_json_object
 
 FORMAT = "ixgs.scan"
 VERSION = 1
@@ -72,14 +72,7 @@ def read_scan(path: str | os.PathLike) -> Scan:
     path = Path(path)
     folder = path.parent if path.suffix == ".json" else path
     manifest = folder / "scan.json" if path.suffix != ".json" else path
-    if not manifest.is_file():
-        raise ScanError(f"{manifest}: no scan.json (not a scan folder)")
-    try:
-        meta = json.loads(manifest.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ScanError(f"{manifest}: not valid JSON ({error})") from None
-    if not isinstance(meta, dict):
-        raise ScanError(f"{manifest}: top level must be a JSON object")
+    meta = read_json_object(manifest, "no scan.json (not a scan folder)", ScanError)
 
     if meta.get("format") != FORMAT:
         raise ScanError(f"{manifest}: field 'format' must be {FORMAT!r}, got {meta.get('format')!r}")

@@ -6,6 +6,7 @@ leaves a half-written file behind.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -79,6 +80,21 @@ def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = Tru
     """Write any SimpleITK image atomically (format from the suffix)."""
     with atomic_path(path) as temporary:
         sitk.WriteImage(image, str(temporary), compress)
+
+
+def read_json_object(path: str | os.PathLike, missing: str = "file not found",
+                     error: type[Exception] = ValueError) -> dict:
+    """A JSON file whose top level is an object; refusals name the file (``missing`` says what it lacks)."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: {missing}")
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as problem:
+        raise error(f"{path}: not valid JSON ({problem})") from None
+    if not isinstance(value, dict):
+        raise error(f"{path}: top level must be a JSON object")
+    return value
 
 
 def check_replaceable(path: str | os.PathLike, marker: str, what: str, error: type[Exception] = ValueError) -> None:

@@ -29,7 +29,7 @@ from ..geometry import Roi
 from ..phantom import PHANTOMS, default_roi, make_phantom
 from ..scan import read_scan
 from ..simulate import fitting_pixel_spacing, random_c_arm_poses
-from ..volume import Volume, atomic_path, check_replaceable
+from ..volume import Volume, atomic_path, check_replaceable, read_json_object
 from .realism import random_realism, realistic_view
 from .target import BONE_WEIGHT, SOFT_TISSUE_WEIGHT, bone_enhanced_drr, material_path_lengths, target_from_path_lengths
 
@@ -142,13 +142,8 @@ def read_pairs(data_dir: str | os.PathLike) -> tuple[list[np.ndarray], list[np.n
     """Inputs, targets (float32 2D, same shape per pair) and the manifest; refuses bad data naming the file."""
     data_dir = Path(data_dir)
     manifest_path = data_dir / MANIFEST
-    if not manifest_path.is_file():
-        raise ValueError(f"{manifest_path}: no manifest (not a standardization data folder)")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{manifest_path}: not valid JSON ({error})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+    manifest = read_json_object(manifest_path, "no manifest (not a standardization data folder)")
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise ValueError(f"{manifest_path}: not a {FORMAT!r} version {VERSION} manifest")
     pairs = manifest.get("pairs")
     if not isinstance(pairs, list) or not pairs:
