@@ -1,6 +1,6 @@
 """Projective geometry of one X-ray view and of the reconstruction box.
 
-Conventions used everywhere in the engine (see ``shared/SCAN_FORMAT.md``):
+Conventions used everywhere in the engine (see ``docs/SCAN_FORMAT.md``):
 
 * World frame: LPS, millimetres (DICOM/ITK). Slicer's RAS is converted at the edges
   (:func:`ras_to_lps_matrix`).

@@ -1,4 +1,4 @@
-"""Read, validate and write scans (``shared/SCAN_FORMAT.md``, version 1).
+"""Read, validate and write scans (``docs/SCAN_FORMAT.md``, version 1).
 
 A :class:`Scan` in memory is always in the engine's conventions, whatever the file said: LPS world,
 attenuation line integrals, projection matrices normalised so ``w > 0`` towards the detector.
