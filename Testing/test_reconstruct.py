@@ -42,7 +42,7 @@ def test_gaussian_reconstruction_of_knee_reaches_quality(knee):
     scan, reference = knee
     result = reconstruct(scan, _settings())
     metrics = evaluate(result.volume, reference)
-    # Measured (2 cores): PSNR 21.1 dB, correlation 0.89, reprojection PSNR 28.6 dB.
+    # Default settings (SART warm start); bounds well below what CI measured, far above a broken run (~9 dB).
     assert metrics["psnr"] > 19.0, metrics
     assert _correlation(result.volume, reference) > 0.8
     assert result.reprojection_psnr > 25.0
@@ -67,7 +67,7 @@ def test_truncated_views_need_the_tissue_outside_the_roi(spine):
     gaussian = reconstruct(scan, _settings(iterations=200))
     scores = {name: evaluate(r.volume, reference)["psnr"] for name, r in
               (("roi_only", roi_only), ("wide", wide), ("gaussian", gaussian))}
-    # Measured: ROI-only SART 7.5 dB (correlation 0.16), wide SART 19.2 dB, Gaussians (outer volume) ~13 dB.
+    # Measured: ROI-only SART 7.5 dB (correlation 0.16), wide SART 19.2 dB, Gaussians (outer volume) 13-17 dB.
     assert scores["wide"] > scores["roi_only"] + 6.0, scores
     assert scores["gaussian"] > scores["roi_only"] + 3.0, scores
     assert _correlation(wide.volume, reference) > 0.55
@@ -75,9 +75,9 @@ def test_truncated_views_need_the_tissue_outside_the_roi(spine):
 
 def test_same_seed_same_result_other_seed_differs(knee):
     scan, _ = knee
-    first = reconstruct(scan, _settings(iterations=15, gaussians=1000))
-    second = reconstruct(scan, _settings(iterations=15, gaussians=1000))
-    other = reconstruct(scan, _settings(iterations=15, gaussians=1000, seed=1))
+    first = reconstruct(scan, _settings(iterations=15, gaussians=1000, init="random"))
+    second = reconstruct(scan, _settings(iterations=15, gaussians=1000, init="random"))
+    other = reconstruct(scan, _settings(iterations=15, gaussians=1000, init="random", seed=1))
     np.testing.assert_array_equal(first.volume.array, second.volume.array)
     assert np.abs(first.volume.array - other.volume.array).max() > 1e-3
 
@@ -86,7 +86,7 @@ def test_cancel_raises_and_progress_reports(knee):
     scan, _ = knee
     seen = []
     with pytest.raises(ReconstructionCancelled):
-        reconstruct(scan, _settings(iterations=50, gaussians=1000), progress=seen.append,
+        reconstruct(scan, _settings(iterations=50, gaussians=1000, init="random"), progress=seen.append,
                     cancel=lambda: len(seen) >= 3)
     assert [p.iteration for p in seen] == [1, 2, 3]
     assert all(p.stage == "gaussian" and p.total == 50 and np.isfinite(p.loss) for p in seen)
@@ -95,7 +95,7 @@ def test_cancel_raises_and_progress_reports(knee):
 
 def test_time_budget_returns_the_result_so_far(knee):
     scan, reference = knee
-    result = reconstruct(scan, _settings(iterations=100_000, gaussians=1000, time_budget_s=8.0))
+    result = reconstruct(scan, _settings(iterations=100_000, gaussians=1000, init="random", time_budget_s=8.0))
     assert result.stop_reason == "time_budget"
     assert result.elapsed_s < 16.0
     assert 0 < len(result.loss_curve) < 100_000
@@ -105,9 +105,10 @@ def test_time_budget_returns_the_result_so_far(knee):
 def test_checkpoint_and_resume(knee, tmp_path):
     scan, _ = knee
     checkpoint = tmp_path / "state.pt"
-    reconstruct(scan, _settings(iterations=20, gaussians=1000, checkpoint=checkpoint, checkpoint_every=10))
+    reconstruct(scan, _settings(iterations=20, gaussians=1000, init="random", checkpoint=checkpoint,
+                                checkpoint_every=10))
     assert checkpoint.is_file()
-    resumed = reconstruct(scan, _settings(iterations=30, gaussians=1000, resume=checkpoint))
+    resumed = reconstruct(scan, _settings(iterations=30, gaussians=1000, init="random", resume=checkpoint))
     assert [i for i, _ in resumed.loss_curve] == list(range(30))  # 20 from the checkpoint, 10 more
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a usable IXGS checkpoint"):

@@ -278,9 +278,12 @@ class _Clock:
     def over_budget(self, reserve_s: float = 0.0) -> bool:
         return self.budget_s is not None and self.elapsed() + reserve_s >= self.budget_s
 
-    def report(self, stage: str, iteration: int, total: int, loss: float) -> None:
+    def check_cancel(self) -> None:
         if self.cancel is not None and self.cancel():
             raise ReconstructionCancelled("reconstruction cancelled")
+
+    def report(self, stage: str, iteration: int, total: int, loss: float) -> None:
+        self.check_cancel()
         if self.progress is None:
             return
         elapsed = self.elapsed()
@@ -297,7 +300,7 @@ def _sart(scan: Scan, grid: Grid, iterations: int, device: torch.device, clock: 
         [(view.image, view.projection_matrix) for view in scan.views], grid, iterations, device=device,
         progress=lambda i, n, residual: clock.report("sart", i, n, residual),
         cancel=clock.cancel, time_budget_s=budget, seed=seed)
-    clock.report("sart", iterations, iterations, float("nan"))  # raises if SART stopped for a cancel
+    clock.check_cancel()  # SART returns early on a cancel; the reconstruction must not go on
     return values
 
 
