@@ -67,11 +67,10 @@ def _roi_argument(values):
 def reconstruct_to_folder(scan_path: Path, out_dir: Path, settings, bone_threshold: float | None,
                           progress_mode: str) -> dict:
     """Read a scan, reconstruct it and write the output folder; returns the report."""
-    from .outputs import write_outputs
+    from .outputs import OUTPUT_MARKER, write_outputs
     from .reconstruct import reconstruct
     from .scan import read_scan
     from .volume import check_replaceable
-    from .outputs import OUTPUT_MARKER
 
     check_replaceable(out_dir, OUTPUT_MARKER, "an IXGS output folder")  # before minutes of work
     scan = read_scan(scan_path)
