@@ -37,16 +37,20 @@ def pixel_table(directions: torch.Tensor) -> torch.Tensor:
     return torch.cat([d, d * d, d * d.roll(-1, dims=0)], dim=0).contiguous()
 
 
-def gaussian_table(model: GaussianModel, source: torch.Tensor) -> torch.Tensor:
-    """(16, N) per-Gaussian quantities the per-pair kernel needs, differentiable in the parameters."""
-    rotations, scales = model.rotations, model.scales
+def gaussian_table(model: GaussianModel, source: torch.Tensor, pose: torch.Tensor | None = None) -> torch.Tensor:
+    """(16, N) per-Gaussian quantities the per-pair kernel needs, differentiable in the parameters
+    (and in ``pose``, a (4, 4) rigid motion applied to the Gaussians before they are seen)."""
+    rotations, scales, means = model.rotations, model.scales, model.means
+    if pose is not None:
+        rotations = pose[:3, :3] @ rotations
+        means = means @ pose[:3, :3].T + pose[:3, 3]
     inv_sq = scales ** -2
     # Eigenvalues of S / det S are 1 / (s_j s_k)^2: no determinant of a tiny number is formed.
     sdet = torch.stack([inv_sq[:, 1] * inv_sq[:, 2], inv_sq[:, 2] * inv_sq[:, 0], inv_sq[:, 0] * inv_sq[:, 1]], dim=1)
     cov_over_det = (rotations * sdet[:, None, :]) @ rotations.transpose(1, 2)
     inverse = (rotations * inv_sq[:, None, :]) @ rotations.transpose(1, 2)
     peak = model.densities * math.sqrt(2.0 * math.pi)
-    return torch.cat([(source - model.means).T, symmetric6(cov_over_det), symmetric6(inverse), peak[None]], dim=0)
+    return torch.cat([(source - means).T, symmetric6(cov_over_det), symmetric6(inverse), peak[None]], dim=0)
 
 
 def _pair_terms(g: torch.Tensor, x: torch.Tensor):
@@ -143,21 +147,27 @@ def footprints(model: GaussianModel, projection_matrix: torch.Tensor, shape: tup
 
 
 def render(model: GaussianModel, rays: ViewRays, pair_budget: int = 2_000_000, sigmas: float = 3.0,
-           return_radii: bool = False):
+           return_radii: bool = False, pose: torch.Tensor | None = None):
     """Attenuation line integrals (rows, cols) of the model seen along ``rays``; differentiable.
 
     Each Gaussian contributes its exact cone-beam line integral to the pixels inside its projected
     ``sigmas``-sigma box; outside it a Gaussian's image is below about ``exp(-sigmas^2 / 2)`` of its
-    peak (1.1 % at 3 sigma, 0.03 % at 4; the box comes from the projected covariance at the centre). With ``return_radii`` also returns (N,) footprint radii in pixels, 0 for
-    Gaussians that touch no pixel (for densification statistics).
+    peak (1.1 % at 3 sigma, 0.03 % at 4; the box comes from the projected covariance at the centre).
+    With ``return_radii`` also returns (N,) footprint radii in pixels, 0 for Gaussians that touch
+    no pixel (for densification statistics). ``pose`` (4, 4), a rigid motion
+    of the world as this view sees it (the view's projection matrix becomes ``P @ pose``), is
+    differentiable: it is how per-view pose corrections are learned (:mod:`ixgs.poses`).
     """
     dtype, device = model.support_center.dtype, model.support_center.device
     shape = rays.shape
     P = rays.projection_matrix.to(device, dtype)
     source = rays.source.to(device, dtype)
     directions = rays.directions.to(device, dtype).reshape(-1, 3)
+    if pose is not None:
+        pose = pose.to(device, dtype)
+        P = P @ pose.detach()
     lower, extent, radius = footprints(model, P, shape, sigmas)
-    image = _LineIntegrals.apply(gaussian_table(model, source), pixel_table(directions), lower, extent,
+    image = _LineIntegrals.apply(gaussian_table(model, source, pose), pixel_table(directions), lower, extent,
                                  shape, int(pair_budget)).reshape(shape)
     return (image, radius) if return_radii else image
 
