@@ -215,11 +215,18 @@ def views_seeing(projection_matrices, shapes, points: np.ndarray, point_in_front
     """For world points (..., 3), how many views see each: in front of the source and inside the image."""
     points = np.asarray(points, float)
     count = np.zeros(points.shape[:-1], dtype=np.int32)
-    for P, (rows, cols) in zip(projection_matrices, shapes):
-        uvw = project_points(normalize_projection_matrix(P, point_in_front), points)
-        count += ((uvw[..., 2] > 0) & (uvw[..., 0] >= -0.5) & (uvw[..., 0] <= cols - 0.5)
-                  & (uvw[..., 1] >= -0.5) & (uvw[..., 1] <= rows - 0.5))
+    for P, shape in zip(projection_matrices, shapes):
+        P = normalize_projection_matrix(P, point_in_front)
+        u, v, w = np.moveaxis(points @ P[:, :3].T + P[:, 3], -1, 0)
+        count += sees(u, v, w, shape)
     return count
+
+
+def sees(u: np.ndarray, v: np.ndarray, w: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Whether homogeneous image points ``w (u/w, v/w, 1)`` of a normalised matrix lie in front of the
+    source and inside a ``shape = (rows, cols)`` image (no division: cheap on large arrays)."""
+    rows, cols = shape
+    return (w > 0) & (u >= -0.5 * w) & (u <= (cols - 0.5) * w) & (v >= -0.5 * w) & (v <= (rows - 0.5) * w)
 
 
 def _seen_box(projection_matrices, shapes, point_in_front, grid: Grid) -> Roi | None:

@@ -15,7 +15,7 @@ import numpy as np
 import SimpleITK as sitk
 from skimage.draw import line as draw_line
 
-from .geometry import Grid, views_seeing
+from .geometry import Grid, normalize_projection_matrix, sees
 from .metrics import evaluate, otsu_threshold
 from .scan import Scan
 from .volume import Volume, atomic_path, check_replaceable, write_image
@@ -36,9 +36,19 @@ def minimum_views(n_views: int) -> int:
 
 
 def coverage_map(scan: Scan, grid: Grid) -> Volume:
-    """How many views see each voxel centre of ``grid`` (uint8)."""
-    counts = views_seeing(scan.projection_matrices, [view.shape for view in scan.views],
-                          grid.voxel_centers(), np.asarray(grid.roi.center))
+    """How many views see each voxel centre of ``grid`` (uint8).
+
+    The grid is regular, so a view's homogeneous image coordinates are sums of per-axis terms
+    (float32): no (voxels, 3) array is formed, which keeps 256^3 grids to seconds."""
+    nz, ny, nx = grid.shape
+    x, y, z = (np.float32(grid.origin[a]) + np.float32(grid.spacing[a]) * np.arange(n, dtype=np.float32)
+               for a, n in enumerate((nx, ny, nz)))
+    counts = np.zeros(grid.shape, dtype=np.int32)
+    for view in scan.views:
+        P = normalize_projection_matrix(view.projection_matrix, np.asarray(grid.roi.center)).astype(np.float32)
+        u, v, w = (P[r, 3] + P[r, 0] * x[None, None, :] + P[r, 1] * y[None, :, None] + P[r, 2] * z[:, None, None]
+                   for r in range(3))
+        counts += sees(u, v, w, view.shape)
     return Volume.on_grid(np.minimum(counts, 255).astype(np.uint8), grid)
 
 
