@@ -25,13 +25,16 @@ def clip_boxes(lower: torch.Tensor, extent: torch.Tensor, grid_shape: tuple[int,
 
 
 def box_pairs(lower: torch.Tensor, extent: torch.Tensor, grid_shape: tuple[int, ...],
-              pair_budget: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+              pair_budget: int, flat: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(item_index (P,) int64, cell (P, D) int32)`` chunks covering every cell of every
     clipped box, each chunk with at most ``pair_budget`` pairs.
 
     ``lower`` and ``extent`` are (N, D) integer boxes in the axis order of ``grid_shape`` (e.g.
-    (row, col) or (z, y, x)); cells are enumerated with the last axis fastest. Cell coordinates are
-    int32 (cheaper division, valid index tensors): the grid must have fewer than 2^31 cells.
+    (row, col) or (z, y, x)); cells are enumerated with the last axis fastest, and the pairs of one
+    item are consecutive. Cell coordinates are int32 (cheaper division, valid index tensors): the
+    grid must have fewer than 2^31 cells. With ``flat`` the cell is yielded as its (P,) int64 index
+    in the C-ordered flattened grid instead, which is what gathers and ``index_add_`` want and
+    saves the per-axis work.
     """
     if lower.ndim != 2 or lower.shape != extent.shape or lower.shape[1] != len(grid_shape):
         raise ValueError(f"box lower {tuple(lower.shape)} and extent {tuple(extent.shape)} must be (N, {len(grid_shape)})")
@@ -44,11 +47,19 @@ def box_pairs(lower: torch.Tensor, extent: torch.Tensor, grid_shape: tuple[int, 
     items = torch.nonzero(counts > 0).squeeze(1)
     if items.numel() == 0:
         return
-    lo, ext, counts = lo[items].to(torch.int32), ext[items].to(torch.int32), counts[items]
+    lo, ext, counts = lo[items], ext[items], counts[items]
     ends = torch.cumsum(counts, 0)
     begins = ends - counts
     total = int(ends[-1])
     device = ends.device
+    dims = len(grid_shape)
+    strides = [math.prod(grid_shape[axis + 1:]) for axis in range(dims)]
+    # Per item, one contiguous column per quantity: 1-D index_select is the cheapest gather.
+    extent_columns = [ext[:, axis].to(torch.int32).contiguous() for axis in range(dims)]
+    if flat:
+        base = (lo * torch.as_tensor(strides, dtype=torch.int64, device=device)).sum(dim=1)
+    else:
+        lower_columns = [lo[:, axis].to(torch.int32).contiguous() for axis in range(dims)]
     for start in range(0, total, pair_budget):
         stop = min(start + pair_budget, total)
         size = stop - start
@@ -61,14 +72,25 @@ def box_pairs(lower: torch.Tensor, extent: torch.Tensor, grid_shape: tuple[int, 
         # Offset of a pair inside its item = position in chunk + (pairs of the item skipped by
         # earlier chunks) - (pairs of earlier items in this chunk).
         shift = ((start - item_begins).clamp(min=0) - (torch.cumsum(in_chunk, 0) - in_chunk)).to(torch.int32)
-        local = torch.repeat_interleave(torch.arange(first, last, device=device), in_chunk, output_size=size)
-        offset = torch.arange(size, device=device, dtype=torch.int32) \
-            + torch.repeat_interleave(shift, in_chunk, output_size=size)
+        # Index of each pair's item among items[first:last].
+        local = torch.repeat_interleave(torch.arange(last - first, device=device), in_chunk, output_size=size)
+        offset = torch.arange(size, device=device, dtype=torch.int32) + shift.index_select(0, local)
+        if flat:
+            cell = base[first:last].index_select(0, local)
+            for axis in range(dims - 1, 0, -1):
+                axis_extent = extent_columns[axis][first:last].index_select(0, local)
+                quotient = torch.div(offset, axis_extent, rounding_mode="floor")
+                remainder = offset - quotient * axis_extent
+                cell += remainder if strides[axis] == 1 else remainder * strides[axis]
+                offset = quotient
+            cell += offset if strides[0] == 1 else offset.to(torch.int64) * strides[0]
+            yield items[first:last].index_select(0, local), cell
+            continue
         cells = []
-        for axis in range(len(grid_shape) - 1, 0, -1):
-            axis_extent = ext[local, axis]
+        for axis in range(dims - 1, 0, -1):
+            axis_extent = extent_columns[axis][first:last].index_select(0, local)
             quotient = torch.div(offset, axis_extent, rounding_mode="floor")
-            cells.append(offset - quotient * axis_extent + lo[local, axis])
+            cells.append(offset - quotient * axis_extent + lower_columns[axis][first:last].index_select(0, local))
             offset = quotient
-        cells.append(offset + lo[local, 0])
-        yield items[local], torch.stack(cells[::-1], dim=1)
+        cells.append(offset + lower_columns[0][first:last].index_select(0, local))
+        yield items[first:last].index_select(0, local), torch.stack(cells[::-1], dim=1)

@@ -13,28 +13,43 @@ Per Gaussian the renderer precomputes ``delta``, ``S / det S`` and ``S^-1`` (6 e
 forms. Pairs are those pixels inside the axis-aligned box of each Gaussian's projected k-sigma
 ellipse (perspective Jacobian at the centre; only the box is approximate, every value is exact).
 Rendering is additive, so pairs are summed with ``index_add_`` in any order. The per-pair kernel is
-a custom autograd function that re-enumerates the pairs in its backward pass, so memory stays
-bounded by ``pair_budget`` in both passes and autograd keeps no per-pair tensors.
+a custom autograd function that evaluates pairs in chunks sized to a memory budget and recomputes
+them in its backward pass (keeping only their indices when they fit the budget), so autograd keeps
+no per-pair tensors and a large case never holds more than the budget.
+
+Speed (bench/kernel_profile.py, bench/results/profile-cpu.md): pairs come as flat pixel indices, chunks are
+cache-sized on a CPU, the per-pair arithmetic is fused by hand (``addcmul``, in-place steps), and
+``compile=True`` runs the same kernels through ``torch.compile`` (inductor: C++ on a CPU, Triton on
+CUDA). The plain torch kernels are the reference and the fallback.
 """
 from __future__ import annotations
 
 import math
+import os
+import warnings
 
 import torch
 
-from .gaussians import GaussianModel, symmetric6
+from .gaussians import GaussianModel
 from .geometry import ViewRays
 from .pairs import box_pairs, clip_boxes
 
 # The per-Gaussian table is transposed, (16, N): delta = source - mean (3), S / det S (6),
-# S^-1 (6), rho sqrt(2 pi) (1). The per-pair kernel works on contiguous rows (P,), which on a CPU is
-# several times faster than reducing over a short trailing axis.
+# S^-1 (6), rho sqrt(2 pi) (1); the pixel table is (3, pixels): the unit ray direction d. The per-pair
+# kernel works on contiguous rows (P,), which on a CPU is several times faster than reducing over a
+# short trailing axis; products of d are formed per pair (cheaper than gathering them).
+
+# Pairs per chunk on a CPU: intermediates of ~0.5-1 MB per row stay in the caches (measured: 128k-512k
+# pairs run 1.5-2x faster than 2M; bench/results/profile-cpu.md). Accelerators take what memory allows.
+CPU_CHUNK_PAIRS = 262_144
+# Bytes held per pair at once: float rows (times the float size) plus int64 indices; the backward pass keeps
+# ~40 float rows and the pair enumeration a few integer ones (measured peak / pairs, with a margin).
+_FLOAT_ROWS_PER_PAIR, _INDEX_BYTES_PER_PAIR = 64, 48
 
 
 def pixel_table(directions: torch.Tensor) -> torch.Tensor:
-    """(9, pixels) rows [d0, d1, d2, d0^2, d1^2, d2^2, d0d1, d1d2, d2d0] of unit ray directions (pixels, 3)."""
-    d = directions.T
-    return torch.cat([d, d * d, d * d.roll(-1, dims=0)], dim=0).contiguous()
+    """(3, pixels) rows [d0, d1, d2] of unit ray directions (pixels, 3)."""
+    return directions.T.contiguous()
 
 
 def gaussian_table(model: GaussianModel, source: torch.Tensor, pose: torch.Tensor | None = None) -> torch.Tensor:
@@ -47,23 +62,37 @@ def gaussian_table(model: GaussianModel, source: torch.Tensor, pose: torch.Tenso
     inv_sq = scales ** -2
     # Eigenvalues of S / det S are 1 / (s_j s_k)^2: no determinant of a tiny number is formed.
     sdet = torch.stack([inv_sq[:, 1] * inv_sq[:, 2], inv_sq[:, 2] * inv_sq[:, 0], inv_sq[:, 0] * inv_sq[:, 1]], dim=1)
-    cov_over_det = (rotations * sdet[:, None, :]) @ rotations.transpose(1, 2)
-    inverse = (rotations * inv_sq[:, None, :]) @ rotations.transpose(1, 2)
     peak = model.densities * math.sqrt(2.0 * math.pi)
-    return torch.cat([(source - means).T, symmetric6(cov_over_det), symmetric6(inverse), peak[None]], dim=0)
+    return torch.cat([(source - means).T, symmetric6_from_eigen(rotations, sdet),
+                      symmetric6_from_eigen(rotations, inv_sq), peak[None]], dim=0)
 
 
-def _pair_terms(g: torch.Tensor, x: torch.Tensor):
+_SYMMETRIC6_ENTRIES = ((0, 0), (1, 1), (2, 2), (0, 1), (1, 2), (2, 0))
+
+
+def symmetric6_from_eigen(rotations: torch.Tensor, eigenvalues: torch.Tensor) -> torch.Tensor:
+    """``symmetric6(R diag(lambda) R^T)`` (6, N), entry by entry: cheaper than batched 3x3 matmuls."""
+    scaled = rotations * eigenvalues[:, None, :]
+    return torch.stack([(scaled[:, i] * rotations[:, j]).sum(dim=1) * (1.0 if i == j else 2.0)
+                        for i, j in _SYMMETRIC6_ENTRIES], dim=0)
+
+
+def _pair_terms(g, d):
     """Per pair: the exact line integral and the intermediates its gradient needs.
 
-    ``g`` (16, P) gathered Gaussian columns, ``x`` (9, P) gathered pixel columns.
+    ``g`` 16 gathered Gaussian rows (P,), ``d`` 3 gathered ray-direction rows (P,). Written with
+    fused ``addcmul`` and in-place steps: on a CPU each pass over the pairs costs memory bandwidth.
     """
-    e0 = g[1] * x[2] - g[2] * x[1]  # e = delta x d: the ray's perpendicular offset, small
-    e1 = g[2] * x[0] - g[0] * x[2]
-    e2 = g[0] * x[1] - g[1] * x[0]
-    q_perp = g[3] * e0 * e0 + g[4] * e1 * e1 + g[5] * e2 * e2 + g[6] * e0 * e1 + g[7] * e1 * e2 + g[8] * e2 * e0
-    a = g[9] * x[3] + g[10] * x[4] + g[11] * x[5] + g[12] * x[6] + g[13] * x[7] + g[14] * x[8]
-    unit = torch.rsqrt(a) * torch.exp(-0.5 * q_perp / a)
+    e0 = torch.addcmul(g[1] * d[2], g[2], d[1], value=-1.0)  # e = delta x d: the ray's perpendicular offset
+    e1 = torch.addcmul(g[2] * d[0], g[0], d[2], value=-1.0)
+    e2 = torch.addcmul(g[0] * d[1], g[1], d[0], value=-1.0)
+    # q_perp = e^T (S / det S) e = e0 (g3 e0 + g6 e1) + e1 (g4 e1 + g7 e2) + e2 (g5 e2 + g8 e0)
+    q_perp = (g[3] * e0).addcmul_(g[6], e1).mul_(e0)
+    q_perp.addcmul_((g[4] * e1).addcmul_(g[7], e2), e1).addcmul_((g[5] * e2).addcmul_(g[8], e0), e2)
+    # a = d^T S^-1 d, the same way
+    a = (g[9] * d[0]).addcmul_(g[12], d[1]).mul_(d[0])
+    a.addcmul_((g[10] * d[1]).addcmul_(g[13], d[2]), d[1]).addcmul_((g[11] * d[2]).addcmul_(g[14], d[0]), d[2])
+    unit = torch.exp(q_perp.div(a).mul_(-0.5)).mul_(torch.rsqrt(a))
     return unit * g[15], unit, (e0, e1, e2), q_perp, a
 
 
@@ -73,48 +102,142 @@ def _gather(rows: torch.Tensor, index: torch.Tensor) -> list[torch.Tensor]:
     return [row.index_select(0, index) for row in rows]
 
 
+def _forward_chunk(table, pixels, gauss, pix, image) -> None:
+    """Add the line integrals of the pairs (gauss, pix) to the flat image, in place."""
+    value = _pair_terms(_gather(table, gauss), _gather(pixels, pix))[0]
+    image.index_add_(0, pix, value)
+
+
+def _backward_terms(table, pixels, gauss, pix, grad_image) -> list[torch.Tensor]:
+    """The pairs' (gauss, pix) contributions to d loss / d table: 16 rows (P,), one per table row."""
+    g, d = _gather(table, gauss), _gather(pixels, pix)
+    value, unit, (e0, e1, e2), q_perp, a = _pair_terms(g, d)
+    grad_value = grad_image.index_select(0, pix)
+    grad_q = (grad_value * value).div_(a)  # d loss / d q_perp = -0.5 grad_value value / a
+    grad_a = (q_perp.div_(a).sub_(1.0)).mul_(grad_q).mul_(0.5)  # d loss / d a = 0.5 (q / a - 1) grad_value value / a
+    grad_q.mul_(-0.5)
+    # d q_perp / d e = 2 (S / det S) e (off-diagonal coefficients are stored doubled).
+    ge0 = (2.0 * g[3] * e0).addcmul_(g[6], e1).addcmul_(g[8], e2).mul_(grad_q)
+    ge1 = (2.0 * g[4] * e1).addcmul_(g[6], e0).addcmul_(g[7], e2).mul_(grad_q)
+    ge2 = (2.0 * g[5] * e2).addcmul_(g[7], e1).addcmul_(g[8], e0).mul_(grad_q)
+    qe0, qe1, qe2 = grad_q * e0, grad_q * e1, grad_q * e2
+    ad0, ad1, ad2 = grad_a * d[0], grad_a * d[1], grad_a * d[2]
+    return [
+        torch.addcmul(d[1] * ge2, d[2], ge1, value=-1.0),  # d x grad_e
+        torch.addcmul(d[2] * ge0, d[0], ge2, value=-1.0),
+        torch.addcmul(d[0] * ge1, d[1], ge0, value=-1.0),
+        qe0 * e0, qe1 * e1, qe2 * e2, qe0 * e1, qe1 * e2, qe2 * e0,
+        ad0 * d[0], ad1 * d[1], ad2 * d[2], ad0 * d[1], ad1 * d[2], ad2 * d[0],
+        grad_value * unit,
+    ]
+
+
+def _backward_rows(table, pixels, gauss, pix, grad_image) -> torch.Tensor:
+    """(P, 16) :func:`_backward_terms` as rows: what a fused (compiled) kernel writes in one pass."""
+    return torch.stack(_backward_terms(table, pixels, gauss, pix, grad_image), dim=1)
+
+
+def _accumulate(grad_table: torch.Tensor, gauss: torch.Tensor, terms) -> None:
+    """grad_table (16, N) += the pair terms at gauss. Plain: 16 ``index_add_`` of rows (stacking them
+    would cost more than it saves); compiled: one (P, 16) block, added whole rows at a time (CPU:
+    ``index_put_``, ~2x faster than 16 row ``index_add_``; CUDA: ``index_add_``, atomics)."""
+    if isinstance(terms, list):
+        for row, term in zip(grad_table, terms):
+            row.index_add_(0, gauss, term)
+    elif grad_table.device.type == "cpu":
+        grad_table.T.index_put_((gauss,), terms, accumulate=True)
+    else:
+        grad_table.T.index_add_(0, gauss, terms)
+
+
+_COMPILED: dict[str, object] = {}
+
+
+_PLAIN = {"forward": _forward_chunk, "backward": _backward_terms}
+_FUSED = {"forward": _forward_chunk, "backward": _backward_rows}
+
+
+def _run_chunk(kernel: str, compiled: bool, *args):
+    """One chunk through the plain torch kernel (the reference) or its ``torch.compile``d twin (fused,
+    built on first use). A compiled kernel that cannot be built (no C compiler, unsupported platform)
+    switches this process to the plain kernels, with a warning; it fails before touching any output."""
+    if compiled and not _COMPILED.get("failed"):
+        try:
+            if kernel not in _COMPILED:
+                _COMPILED[kernel] = torch.compile(_FUSED[kernel], dynamic=True)
+            return _COMPILED[kernel](*args)
+        except Exception as error:  # compilation errors come in many types; the plain path is exact
+            _COMPILED["failed"] = True
+            warnings.warn(f"torch.compile of the splat kernels failed, using plain torch: {error!r:.300}")
+    return _PLAIN[kernel](*args)
+
+
+def memory_budget_pairs(memory_bytes: int, dtype: torch.dtype) -> int:
+    """The most (Gaussian, pixel) pairs one chunk may hold within ``memory_bytes`` (forward or backward)."""
+    per_pair = _FLOAT_ROWS_PER_PAIR * torch.finfo(dtype).bits // 8 + _INDEX_BYTES_PER_PAIR
+    return max(1, int(memory_bytes) // per_pair)
+
+
+def default_memory_budget(device: torch.device) -> int:
+    """Bytes the pair chunks may use at once: a quarter of the free memory of ``device`` (CUDA:
+    ``mem_get_info``; CPU: available RAM), at most 4 GiB; 1 GiB where free memory cannot be read."""
+    free = None
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, ValueError, OSError):  # e.g. Windows
+            free = None
+    if not free or free <= 0:
+        free = 4 * 2 ** 30
+    return int(min(free // 4, 4 * 2 ** 30))
+
+
+def chunk_pairs(device: torch.device, dtype: torch.dtype, memory_budget: int | None = None) -> int:
+    """Pairs per chunk: within ``memory_budget`` bytes (default :func:`default_memory_budget`), and on
+    a CPU at most :data:`CPU_CHUNK_PAIRS` (faster: cache-sized)."""
+    budget = default_memory_budget(device) if memory_budget is None else memory_budget
+    pairs = memory_budget_pairs(budget, dtype)
+    return min(pairs, CPU_CHUNK_PAIRS) if device.type == "cpu" else pairs
+
+
 class _LineIntegrals(torch.autograd.Function):
-    """Image (rows * cols,) = sum over footprint pairs of the exact line integrals."""
+    """Image (rows * cols,) = sum over footprint pairs of the exact line integrals.
+
+    The forward pass keeps the enumerated pairs for the backward pass while they take at most
+    ``keep_bytes`` (16 bytes a pair); beyond that the backward pass enumerates them again."""
 
     @staticmethod
-    def forward(ctx, table, pixels, lower, extent, shape, pair_budget):
+    def forward(ctx, table, pixels, lower, extent, shape, pair_budget, compiled, keep_bytes):
         image = torch.zeros(shape[0] * shape[1], dtype=table.dtype, device=table.device)
-        for gauss, cell in box_pairs(lower, extent, shape, pair_budget):
-            pix = cell[:, 0] * shape[1] + cell[:, 1]
-            value = _pair_terms(_gather(table, gauss), _gather(pixels, pix))[0]
-            image.index_add_(0, pix, value)
+        kept, kept_pairs = [], 0
+        for gauss, pix in box_pairs(lower, extent, shape, pair_budget, flat=True):
+            _run_chunk("forward", compiled, table, pixels, gauss, pix, image)
+            kept_pairs += gauss.numel()
+            if kept is not None and 16 * kept_pairs <= keep_bytes:
+                kept.append((gauss, pix))
+            else:
+                kept = None
         ctx.save_for_backward(table, pixels, lower, extent)
-        ctx.shape, ctx.pair_budget = shape, pair_budget
+        ctx.shape, ctx.pair_budget, ctx.compiled, ctx.kept = shape, pair_budget, compiled, kept
         return image
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_image):
         table, pixels, lower, extent = ctx.saved_tensors
-        shape = ctx.shape
-        grad_table = torch.zeros_like(table)
-        for gauss, cell in box_pairs(lower, extent, shape, ctx.pair_budget):
-            pix = cell[:, 0] * shape[1] + cell[:, 1]
-            g, x = _gather(table, gauss), _gather(pixels, pix)
-            value, unit, (e0, e1, e2), q_perp, a = _pair_terms(g, x)
-            grad_value = grad_image.index_select(0, pix)
-            weighted = grad_value * value / a
-            grad_q = -0.5 * weighted
-            grad_a = 0.5 * weighted * (q_perp / a - 1.0)
-            # d q_perp / d e = 2 (S / det S) e (off-diagonal coefficients are stored doubled).
-            ge0 = 2.0 * grad_q * (g[3] * e0 + 0.5 * (g[6] * e1 + g[8] * e2))
-            ge1 = 2.0 * grad_q * (g[4] * e1 + 0.5 * (g[6] * e0 + g[7] * e2))
-            ge2 = 2.0 * grad_q * (g[5] * e2 + 0.5 * (g[7] * e1 + g[8] * e0))
-            rows = (
-                x[1] * ge2 - x[2] * ge1, x[2] * ge0 - x[0] * ge2, x[0] * ge1 - x[1] * ge0,  # d x grad_e
-                grad_q * e0 * e0, grad_q * e1 * e1, grad_q * e2 * e2,
-                grad_q * e0 * e1, grad_q * e1 * e2, grad_q * e2 * e0,
-                *(grad_a * x[k] for k in range(3, 9)),
-                grad_value * unit,
-            )
-            for k, row in enumerate(rows):
-                grad_table[k].index_add_(0, gauss, row)
-        return grad_table, None, None, None, None, None
+        # The compiled kernels add whole (16,) columns: store (16, N) as the transpose of (N, 16) for them.
+        if ctx.compiled:
+            grad_table = torch.zeros(table.shape[1], table.shape[0], dtype=table.dtype, device=table.device).T
+        else:
+            grad_table = torch.zeros_like(table)
+        grad_image = grad_image.contiguous()
+        chunks = ctx.kept if ctx.kept is not None else box_pairs(lower, extent, ctx.shape, ctx.pair_budget, flat=True)
+        for gauss, pix in chunks:
+            _accumulate(grad_table, gauss, _run_chunk("backward", ctx.compiled, table, pixels, gauss, pix, grad_image))
+        ctx.kept = None
+        return grad_table, None, None, None, None, None, None, None
 
 
 @torch.no_grad()
@@ -146,8 +269,9 @@ def footprints(model: GaussianModel, projection_matrix: torch.Tensor, shape: tup
     return lower, extent, radius
 
 
-def render(model: GaussianModel, rays: ViewRays, pair_budget: int = 2_000_000, sigmas: float = 3.0,
-           return_radii: bool = False, pose: torch.Tensor | None = None):
+def render(model: GaussianModel, rays: ViewRays, pair_budget: int | None = None, sigmas: float = 3.0,
+           return_radii: bool = False, pose: torch.Tensor | None = None, *, memory_budget: int | None = None,
+           compile: bool = False):
     """Attenuation line integrals (rows, cols) of the model seen along ``rays``; differentiable.
 
     Each Gaussian contributes its exact cone-beam line integral to the pixels inside its projected
@@ -157,6 +281,12 @@ def render(model: GaussianModel, rays: ViewRays, pair_budget: int = 2_000_000, s
     no pixel (for densification statistics). ``pose`` (4, 4), a rigid motion
     of the world as this view sees it (the view's projection matrix becomes ``P @ pose``), is
     differentiable: it is how per-view pose corrections are learned (:mod:`ixgs.poses`).
+
+    Pairs are processed in chunks of ``pair_budget`` pairs; by default the chunk is sized from
+    ``memory_budget`` bytes (default: a quarter of the free memory, :func:`chunk_pairs`), so a large
+    case never holds more than that at once. ``compile=True`` runs the per-pair kernels through
+    ``torch.compile`` (fused: ~2x faster, after a one-off compilation of tens of seconds); where that
+    cannot work it falls back to the plain torch kernels, which are the reference.
     """
     dtype, device = model.support_center.dtype, model.support_center.device
     shape = rays.shape
@@ -166,9 +296,15 @@ def render(model: GaussianModel, rays: ViewRays, pair_budget: int = 2_000_000, s
     if pose is not None:
         pose = pose.to(device, dtype)
         P = P @ pose.detach()
+    budget = default_memory_budget(device) if memory_budget is None else int(memory_budget)
+    if pair_budget is None:
+        pair_budget = chunk_pairs(device, dtype, budget)
     lower, extent, radius = footprints(model, P, shape, sigmas)
-    image = _LineIntegrals.apply(gaussian_table(model, source, pose), pixel_table(directions), lower, extent,
-                                 shape, int(pair_budget)).reshape(shape)
+    table = gaussian_table(model, source, pose)
+    # Half the budget may keep the pairs' indices for the backward pass (none is needed without one).
+    keep_bytes = budget // 2 if torch.is_grad_enabled() and table.requires_grad else 0
+    image = _LineIntegrals.apply(table, pixel_table(directions), lower, extent, shape, int(pair_budget),
+                                 bool(compile), keep_bytes).reshape(shape)
     return (image, radius) if return_radii else image
 
 
