@@ -22,7 +22,7 @@ from IXGSReconstructionLib.process import (  # noqa: E402
     format_progress,
     parse_progress,
 )
-from ixgs.cli import settings_arguments  # noqa: E402
+from ixgs.cli import _settings_from, build_parser, settings_arguments  # noqa: E402
 from ixgs.geometry import Roi  # noqa: E402
 
 CONTRACT_SCRIPT = textwrap.dedent('''
@@ -63,6 +63,13 @@ def test_settings_become_cli_arguments():
     args = settings_arguments(settings)
     assert args[args.index("--roi") + 1:args.index("--roi") + 7] == ["1.0", "2.0", "3.0", "40.0", "50.0", "60.0"]
     assert args[args.index("--voxel-size") + 1] == "1.5" and args[args.index("--seed") + 1] == "7"
+    # Every setting the module can choose survives the trip through the command line.
+    chosen = ReconstructionSettings(preset="high", iterations=123, gaussians=4567, time_budget_s=30.0, seed=3,
+                                    refine_poses=True, views_per_step=2, stop_on_plateau=False,
+                                    compile=True, memory_budget_mib=512.0,
+                                    roi=Roi((1.0, 2.0, 3.0), (40.0, 50.0, 60.0)))
+    parsed = build_parser().parse_args(["reconstruct", "scan", "-o", "out", *settings_arguments(chosen)])
+    assert _settings_from(parsed) == chosen
     with pytest.raises(ValueError, match="device"):
         settings_arguments(ReconstructionSettings(device="tpu"))
     with pytest.raises(ValueError, match="voxel_size_mm"):

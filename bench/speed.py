@@ -115,9 +115,10 @@ def simulate(case: Case, seed: int, device: torch.device, out: Path) -> Path:
                          roi=default_roi(case.phantom), device=device)
 
 
-def gaussian_run(scan: Path, out: Path, common: list[str], iterations: int, budget_s: float | None) -> dict:
+def gaussian_run(scan: Path, out: Path, common: list[str], iterations: int, budget_s: float | None,
+                 compile_kernels: bool = False) -> dict:
     """A Gaussian reconstruction with its iterations, iterations per second and memory split by kind."""
-    extra = common + ["--method", "gaussian", "--iterations", str(iterations)]
+    extra = common + ["--method", "gaussian", "--iterations", str(iterations)] + (["--compile"] if compile_kernels else [])
     if budget_s is not None:
         extra += ["--time-budget", str(budget_s)]
     return with_report_details(run_reconstruction(scan, out, extra), out)
@@ -161,8 +162,8 @@ def load_reference(path: Path, key: dict) -> dict:
 
 
 def run_reference(scan: Path, out: Path, common: list[str], iterations: int, budget_s: float | None,
-                  key: dict, described: dict) -> dict:
-    run = gaussian_run(scan, out, common, iterations, budget_s)
+                  key: dict, described: dict, compile_kernels: bool) -> dict:
+    run = gaussian_run(scan, out, common, iterations, budget_s, compile_kernels)
     return {"case": key, "device": device_label(described), "iterations_asked": iterations,
             "time_budget_s": budget_s, "source": "this run", **run}
 
@@ -216,7 +217,9 @@ def markdown_report(record: dict) -> str:
         f"{record['date']}, {record['device_label']}, torch {record['device']['torch']}. "
         f"{case['phantom']} phantom (seed {settings['seed']}, {case['phantom_voxel_mm']} mm), {case['views']} views of "
         f"{case['detector_px']} x {case['detector_px']} px to a {case['grid_size']}^3 grid over the 110 mm ROI. "
-        f"Gaussians: preset {settings['preset']}, init {settings['init']}, {settings['iterations']} iterations asked "
+        f"Gaussians: preset {settings['preset']}, init {settings['init']}, "
+        f"{'fused (torch.compile) kernels' if settings.get('compile') else 'plain torch kernels'}, "
+        f"{settings['iterations']} iterations asked "
         f"(each run's time budget ends it and its schedule follows the budget). SART is given the Gaussian run's "
         f"time. Times are the engine's (`elapsed_s`); wall times add process start, reading and writing.",
         "",
@@ -265,6 +268,7 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--preset", choices=tuple(PRESETS), help="default: the case's (cpu standard, gpu high)")
     parser.add_argument("--init", choices=INITS, default=defaults.init)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--compile", action="store_true", help="Gaussian runs with fused kernels (ixgs --compile)")
     parser.add_argument("--work", type=Path, help="keep scans and reconstructions here (default: a temporary folder)")
     parser.add_argument("--results", type=Path, help="folder for the results (default: bench/results; "
                         "with --quick a new temporary folder)")
@@ -314,7 +318,7 @@ def main() -> None:
         scan = simulate(case, args.seed, device, work / "scan")
         if reference is None:
             reference = run_reference(scan, work / "reference", common, args.reference_iterations,
-                                      reference_budget, key, described)
+                                      reference_budget, key, described, args.compile)
             reference["volume"] = str(work / "reference" / "volume.nrrd") if args.work else None
             (work / "reference.json").write_text(json.dumps(reference, indent=1))
             overhead = reference["wall_s"] - reference["engine_s"]
@@ -328,7 +332,8 @@ def main() -> None:
             return
         rows = []
         for budget in budgets:
-            gaussian = gaussian_run(scan, work / f"gaussian-{budget:g}s", common, args.reference_iterations, budget)
+            gaussian = gaussian_run(scan, work / f"gaussian-{budget:g}s", common, args.reference_iterations, budget,
+                                    args.compile)
             sart = sart_run(scan, work / f"sart-{budget:g}s", common, gaussian["engine_s"])
             row = {"budget_s": budget, "gaussian": gaussian, "sart": sart,
                    "psnr_gain_db": round(gaussian["psnr"] - sart["psnr"], 2)}
@@ -338,7 +343,8 @@ def main() -> None:
     reach = time_to_reach(rows, reference["psnr"])
     record = {"date": time.strftime("%Y-%m-%d %H:%M"), "device": described, "device_label": device_label(described),
               "case": asdict(case), "settings": {"preset": preset, "init": args.init, "seed": args.seed,
-                                                 "iterations": args.reference_iterations, "budgets_s": budgets},
+                                                 "iterations": args.reference_iterations, "budgets_s": budgets,
+                                                 "compile": args.compile},
               "reference": reference, "rows": rows, "time_to_reach": reach,
               "targets": assess_targets(case, rows, reach)}
     results.mkdir(parents=True, exist_ok=True)

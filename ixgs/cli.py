@@ -92,6 +92,8 @@ def reconstruct_to_folder(scan_path: Path, out_dir: Path, settings, bone_thresho
         "reprojection_psnr": result.reprojection_psnr,
         "peak_memory_mib": result.peak_memory,
     }
+    if result.pose_corrections:
+        report["pose_corrections"] = result.pose_corrections
     return write_outputs(out_dir, scan, result.volume, report, bone_threshold, result.reprojections,
                          result.loss_curve)
 
@@ -102,12 +104,20 @@ def settings_arguments(settings) -> list[str]:
     settings.validate()
     args = ["--method", settings.method, "--preset", settings.preset, "--init", settings.init,
             "--device", settings.device, "--seed", str(int(settings.seed))]
-    for option, value in (("--voxel-size", settings.voxel_size_mm), ("--time-budget", settings.time_budget_s)):
+    for option, value in (("--voxel-size", settings.voxel_size_mm), ("--time-budget", settings.time_budget_s),
+                          ("--memory-budget", settings.memory_budget_mib)):
         if value is not None:
             args += [option, repr(float(value))]
-    for option, value in (("--iterations", settings.iterations), ("--gaussians", settings.gaussians)):
+    for option, value in (("--iterations", settings.iterations), ("--gaussians", settings.gaussians),
+                          ("--views-per-step", settings.views_per_step)):
         if value is not None:
             args += [option, str(int(value))]
+    if settings.refine_poses:
+        args.append("--refine-poses")
+    if not settings.stop_on_plateau:
+        args.append("--no-plateau-stop")
+    if settings.compile:
+        args.append("--compile")
     if settings.roi is not None:
         args += ["--roi", *(repr(float(v)) for v in (*settings.roi.center, *settings.roi.size))]
     return args
@@ -119,7 +129,9 @@ def _settings_from(args):
     settings = ReconstructionSettings(
         method=args.method, preset=args.preset, iterations=args.iterations, voxel_size_mm=args.voxel_size,
         init=args.init, device=args.device, seed=args.seed, time_budget_s=args.time_budget,
-        gaussians=args.gaussians, roi=_roi_argument(args.roi),
+        gaussians=args.gaussians, roi=_roi_argument(args.roi), refine_poses=args.refine_poses,
+        views_per_step=args.views_per_step, stop_on_plateau=not args.no_plateau_stop, compile=args.compile,
+        memory_budget_mib=args.memory_budget,
         checkpoint=args.checkpoint, resume=args.resume)
     settings.validate()
     return settings
@@ -300,6 +312,16 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--gaussians", type=int, help="initial number of Gaussians (default: the preset's)")
     rec.add_argument("--roi", type=float, nargs=6, metavar=("CX", "CY", "CZ", "SX", "SY", "SZ"),
                      help="box to reconstruct, LPS mm (default: the scan's)")
+    rec.add_argument("--refine-poses", action="store_true",
+                     help="learn a small rigid correction (6 DoF) of each view's pose; reported in report.json")
+    rec.add_argument("--views-per-step", type=int, default=defaults.views_per_step,
+                     help="views rendered per optimiser step (more keeps a GPU busy)")
+    rec.add_argument("--no-plateau-stop", action="store_true",
+                     help="run all iterations even when the loss has stopped falling")
+    rec.add_argument("--compile", action="store_true",
+                     help="fused kernels via torch.compile: faster long runs after a one-off compilation")
+    rec.add_argument("--memory-budget", type=float, metavar="MIB",
+                     help="memory the Gaussian/pixel pair work may hold at once (default: a quarter of free memory)")
     rec.add_argument("--bone-threshold", type=float, help="1/mm (default: Otsu)")
     rec.add_argument("--checkpoint", type=Path, help="file to save the training state to, periodically")
     rec.add_argument("--resume", type=Path, help="checkpoint to continue from")

@@ -10,7 +10,8 @@ intraoperative data on modest hardware:
   volume (about 1 cm voxels) models the attenuation further out, as far as the views reach, so
   tissue outside the ROI is explained in 3D instead of being pushed into it; only the ROI is
   returned;
-* a wall-time budget that always returns the current result, a cancel flag, and checkpoints.
+* a wall-time budget that always returns the current result, a cancel flag, and checkpoints;
+* optionally, small per-view rigid pose corrections learned with the Gaussians (:mod:`ixgs.poses`).
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from .gaussians import GaussianModel
 from .geometry import Grid, Roi, binning_matrix, view_rays
 from .losses import projection_loss, total_variation_3d
 from .metrics import psnr
+from .poses import PoseCorrections, transform_rays
 from .projector import forward_project, sample_volume
 from .sart import sart_reconstruct
 from .scan import Scan
@@ -73,6 +75,17 @@ class ReconstructionSettings:
     sart_factor: float = 2.5
     # Longest side of the default grid, in voxels.
     default_grid_size: int = 128
+    # Learn a small rigid correction of each view's pose with the Gaussians (method "gaussian").
+    refine_poses: bool = False
+    # Views rendered per optimiser step (their losses averaged): more keeps a GPU busy.
+    views_per_step: int = 1
+    # Stop once the loss stops falling, after densification (see _GaussianTrainer.plateaued).
+    stop_on_plateau: bool = True
+    # Fused per-pair kernels through torch.compile: ~1.5-2x faster per iteration after a one-off
+    # compilation of 10-30 s, so worth it for long runs; falls back to plain torch where it cannot work.
+    compile: bool = False
+    # MiB the Gaussian/pixel pair work may hold at once (default: a quarter of the free memory, <= 4 GiB).
+    memory_budget_mib: float | None = None
     checkpoint: Path | None = None
     checkpoint_every: int = 200
     resume: Path | None = None
@@ -91,14 +104,16 @@ class ReconstructionSettings:
             bad("device", f"must be one of {DEVICES}, got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
             bad("device", "'cuda' was asked for but no CUDA device is available")
-        for name in ("iterations", "gaussians", "checkpoint_every"):
+        for name in ("iterations", "gaussians", "checkpoint_every", "views_per_step"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 bad(name, f"must be a positive integer, got {value!r}")
-        for name in ("voxel_size_mm", "time_budget_s"):
+        for name in ("voxel_size_mm", "time_budget_s", "memory_budget_mib"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
                 bad(name, f"must be a positive number, got {value!r}")
+        if self.refine_poses and self.method != "gaussian":
+            bad("refine_poses", "pose refinement is learned with the Gaussians: it needs method 'gaussian'")
         for name in ("support_factor", "sart_factor"):
             if not getattr(self, name) >= 1.0:
                 bad(name, f"must be >= 1, got {getattr(self, name)!r}")
@@ -128,7 +143,7 @@ class Reconstruction:
     volume: Volume  # attenuation (1/mm) on the ROI grid, LPS
     settings: dict
     elapsed_s: float
-    stop_reason: str  # "completed" or "time_budget"
+    stop_reason: str  # "completed", "time_budget" or "plateau"
     loss_curve: list[tuple[int, float]] = field(default_factory=list)
     gaussians: int = 0
     device: str = "cpu"
@@ -137,6 +152,8 @@ class Reconstruction:
     reprojections: dict[int, np.ndarray] = field(default_factory=dict)
     reprojection_psnr: float = float("nan")
     peak_memory: dict = field(default_factory=dict)  # MiB, see peak_memory_mib
+    # With refine_poses: per view, the correction (PoseCorrections.report) and the corrected matrix.
+    pose_corrections: list[dict] = field(default_factory=list)
 
 
 ProgressCallback = Callable[[Progress], None]
@@ -226,7 +243,7 @@ def reconstruct(scan: Scan, settings: ReconstructionSettings | None = None,
         trainer.run()
         clock.report("voxelize", 0, 1, trainer.last_loss)
         with torch.no_grad():
-            volume = voxelize(trainer.model, grid).clamp(min=0)
+            volume = voxelize(trainer.model, grid, memory_budget=trainer.memory_budget).clamp(min=0)
         reprojections = trainer.reprojections(reprojected_views(len(scan.views)))
         loss_curve = trainer.loss_curve
     reprojections = {index: image.detach().cpu().numpy() for index, image in reprojections.items()}
@@ -243,6 +260,7 @@ def reconstruct(scan: Scan, settings: ReconstructionSettings | None = None,
         reprojections=reprojections,
         reprojection_psnr=_mean_psnr(reprojections, scan),
         peak_memory=peak_memory_mib(device),
+        pose_corrections=trainer.pose_report() if trainer else [],
     )
 
 
@@ -340,6 +358,10 @@ class _GaussianTrainer:
     MIN_DENSITY = 2e-4  # 1/mm
     MIN_LEVEL_PIXELS = 32
     FINAL_STAGE_FRACTION = 0.15  # of a time budget, kept for the final voxelization and re-projections
+    POSE_LR = 0.1  # mm (and mm of arc at the ROI's half side) per step of the view's own Adam state
+    POSE_FROM = 0.1  # fraction of the run: poses move once the coarse shape has formed
+    PLATEAU_WINDOW = 50  # steps, at least
+    PLATEAU_TOLERANCE = 0.002  # relative fall of the windowed mean loss below which the run stops
 
     def __init__(self, scan: Scan, settings: ReconstructionSettings, support_grid: Grid, device: torch.device,
                  clock: _Clock):
@@ -362,8 +384,13 @@ class _GaussianTrainer:
         self.iteration = 0
         self.stop_reason = "completed"
         self.iteration_seconds: list[float] = []
+        self.queue: list[int] = []  # views still to come in this pass
+        self.memory_budget = None if settings.memory_budget_mib is None else int(settings.memory_budget_mib * 2**20)
+        self.densified_until: int | None = None  # the step densification ended at
         self.model, outer_values = self._initial_state(preset)
         self.outer = outer_values.to(device).requires_grad_(True)
+        self.poses = (PoseCorrections(len(scan.views), support.center, lever_mm=max(support.size) / 2).to(device)
+                      if settings.refine_poses else None)
         self.optimizer = self._optimizer()
         if settings.resume is not None:
             self._load(settings.resume)
@@ -410,6 +437,10 @@ class _GaussianTrainer:
     def _optimizer(self) -> torch.optim.Adam:
         groups = self.model.parameter_groups(self.LEARNING_RATES)
         groups.append({"params": [self.outer], "lr": self.OUTER_LR, "name": "outer"})
+        if self.poses is not None:
+            # One parameter per view: Adam skips the views without a gradient, so each view's
+            # correction moves only when that view is rendered.
+            groups.append({"params": list(self.poses.parameters()), "lr": self.POSE_LR, "name": "poses"})
         for group in groups:
             group["initial_lr"] = group["lr"]
         return torch.optim.Adam(groups, eps=1e-15)
@@ -435,44 +466,50 @@ class _GaussianTrainer:
     def _set_learning_rates(self, fraction: float) -> None:
         decay = self.FINAL_LR_FRACTION ** fraction
         for group in self.optimizer.param_groups:
-            if group["name"] in ("position", "outer"):
+            if group["name"] in ("position", "outer", "poses"):
                 group["lr"] = group["initial_lr"] * decay
 
     # ----- the loop -------------------------------------------------------------------------------
     def run(self) -> None:
-        n_views = len(self.scan.views)
-        order = torch.randperm(n_views, generator=self.generator)
         grad_accum = torch.zeros(len(self.model), device=self.device)
         seen = torch.zeros(len(self.model), device=self.device)
         while self.iteration < self.iterations:
             if self.clock.over_budget(reserve_s=self._voxelize_reserve_s()):
                 self.stop_reason = "time_budget"
                 break
+            if self.settings.stop_on_plateau and self.plateaued():
+                self.stop_reason = "plateau"
+                break
             it = self.iteration
             started = time.perf_counter()
-            index = int(order[it % n_views])
-            if it % n_views == n_views - 1:
-                order = torch.randperm(n_views, generator=self.generator)
             fraction = self._progress_fraction()
             level = self._level_at(fraction)
             self._set_learning_rates(fraction)
             self.optimizer.zero_grad(set_to_none=True)
-            rendered, radii = render(self.model, level.rays[index], return_radii=True)
-            rendered = rendered + self._outer_projection(level.rays[index])
-            loss = projection_loss(rendered, level.images[index], self.DSSIM_WEIGHT)
-            loss = loss + self.TV_WEIGHT * self._tv_loss()
+            views = self._next_views()
+            visible = torch.zeros(len(self.model), dtype=torch.bool, device=self.device)
+            loss = self.TV_WEIGHT * self._tv_loss()
+            for index in views:
+                pose = self._pose(index) if fraction >= self.POSE_FROM else None
+                rendered, radii = self._render(level.rays[index], pose, return_radii=True)
+                rendered = rendered + self._outer_projection(level.rays[index], pose)
+                loss = loss + projection_loss(rendered, level.images[index], self.DSSIM_WEIGHT) / len(views)
+                visible |= radii > 0
             loss.backward()
             with torch.no_grad():
-                visible = radii > 0
                 grad_accum[visible] += self.model._position.grad[visible].norm(dim=1)
                 seen[visible] += 1
             self.optimizer.step()
             with torch.no_grad():
                 self.outer.clamp_(min=0.0)
+            if self.poses is not None:
+                self.poses.remove_common_motion()
             self.last_loss = loss.item()
             self.iteration_seconds.append(time.perf_counter() - started)
             self.loss_curve.append((it, self.last_loss))
             self.iteration = it + 1
+            if fraction > self.DENSIFY_UNTIL and self.densified_until is None:
+                self.densified_until = self.iteration
             if self.DENSIFY_FROM <= fraction <= self.DENSIFY_UNTIL and self.iteration % self.DENSIFY_EVERY == 0:
                 mean_gradient = grad_accum / seen.clamp(min=1)
                 threshold = float(torch.quantile(mean_gradient, 1.0 - self.DENSIFY_FRACTION))
@@ -485,15 +522,57 @@ class _GaussianTrainer:
                 self._save(self.settings.checkpoint)
             self.clock.report("gaussian", self.iteration, self.iterations, self.last_loss)
 
-    def _outer_projection(self, rays) -> torch.Tensor:
+    def _next_views(self) -> list[int]:
+        """The next ``views_per_step`` views from a stream of seeded permutations: every view once
+        per pass, in a fresh random order each pass."""
+        views = []
+        while len(views) < self.settings.views_per_step:
+            if not self.queue:
+                self.queue = torch.randperm(len(self.scan.views), generator=self.generator).tolist()
+            views.append(self.queue.pop(0))
+        return views
+
+    def plateaued(self) -> bool:
+        """Whether the loss has stopped falling: since densification ended, the mean loss over the
+        last window (two passes over the views, at least PLATEAU_WINDOW steps) is within
+        PLATEAU_TOLERANCE of the window before. Single steps are too noisy (one view each)."""
+        if self.densified_until is None:
+            return False
+        passes = 2 * math.ceil(len(self.scan.views) / self.settings.views_per_step)
+        window = max(passes, self.PLATEAU_WINDOW)
+        losses = [loss for _, loss in self.loss_curve[self.densified_until:]]
+        if len(losses) < 2 * window:
+            return False
+        recent, before = np.mean(losses[-window:]), np.mean(losses[-2 * window:-window])
+        return bool(before - recent < self.PLATEAU_TOLERANCE * before)
+
+    def _render(self, rays, pose: torch.Tensor | None, return_radii: bool = False):
+        return render(self.model, rays, return_radii=return_radii, pose=pose, memory_budget=self.memory_budget,
+                      compile=self.settings.compile)
+
+    def _pose(self, index: int) -> torch.Tensor | None:
+        """View ``index``'s learned rigid correction (4, 4), or None without pose refinement."""
+        return self.poses.matrix(index) if self.poses is not None else None
+
+    def _outer_projection(self, rays, pose: torch.Tensor | None = None) -> torch.Tensor:
         """Line integrals through the outer volume (attenuation beyond the Gaussians' support)."""
+        if pose is not None:
+            rays = transform_rays(rays, pose)
         return forward_project(self.outer * self.outer_mask, self.outer_grid, rays)
 
     @torch.no_grad()
     def reprojections(self, indices: list[int]) -> dict[int, torch.Tensor]:
         """Views ``indices`` at full resolution as the model (with the outer volume) sees them."""
         rays = self.levels[-1].rays
-        return {index: render(self.model, rays[index]) + self._outer_projection(rays[index]) for index in indices}
+        return {index: self._render(rays[index], self._pose(index)) + self._outer_projection(rays[index], self._pose(index)) for index in indices}
+
+    def pose_report(self) -> list[dict]:
+        """Per view: name, correction and corrected projection matrix; empty without refinement."""
+        if self.poses is None:
+            return []
+        return [{"view": view.name, **row, "projection_matrix": self.poses.corrected_matrix(
+                    index, view.projection_matrix).round(9).tolist()}
+                for index, (view, row) in enumerate(zip(self.scan.views, self.poses.report()))]
 
     def _tv_loss(self) -> torch.Tensor:
         """3D TV of a random patch of the support, in units of attenuation x half the support side
@@ -502,7 +581,7 @@ class _GaussianTrainer:
         size = [min(self.TV_PATCH, n) for n in shape]
         corner = [int(torch.randint(0, n - s + 1, (1,), generator=self.generator)) for n, s in zip(shape, size)]
         region = tuple(slice(c, c + s) for c, s in zip(corner, size))
-        patch = voxelize(self.model, self.tv_grid, region=region)
+        patch = voxelize(self.model, self.tv_grid, region=region, memory_budget=self.memory_budget)
         return total_variation_3d(patch * self.model.half_extent)
 
     def _voxelize_reserve_s(self) -> float:
@@ -519,6 +598,7 @@ class _GaussianTrainer:
             "iteration": self.iteration,
             "model": self.model.state_dict(),
             "outer": self.outer.detach().cpu(),
+            "poses": self.poses.state_dict() if self.poses is not None else None,
             "optimizer": self.optimizer.state_dict(),
             "generator": self.generator.get_state(),
             "loss_curve": self.loss_curve,
@@ -536,6 +616,10 @@ class _GaussianTrainer:
             self.model = GaussianModel.from_state_dict(state["model"]).to(self.device)
             with torch.no_grad():
                 self.outer.copy_(state["outer"])
+            if (state.get("poses") is not None) != (self.poses is not None):
+                raise ValueError("it was made with a different refine_poses setting")
+            if self.poses is not None:
+                self.poses.load_state_dict(state["poses"])
             self.optimizer = self._optimizer()
             self.optimizer.load_state_dict(state["optimizer"])
             self.generator.set_state(state["generator"])
