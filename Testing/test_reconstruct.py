@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from ixgs.metrics import evaluate, resample_to
 from ixgs.reconstruct import ReconstructionCancelled, ReconstructionSettings, reconstruct
@@ -95,7 +96,8 @@ def test_cancel_raises_and_progress_reports(knee):
 
 def test_time_budget_returns_the_result_so_far(knee):
     scan, reference = knee
-    result = reconstruct(scan, _settings(iterations=100_000, gaussians=1000, init="random", time_budget_s=8.0))
+    result = reconstruct(scan, _settings(iterations=100_000, gaussians=1000, init="random", time_budget_s=8.0,
+                                         stop_on_plateau=False))
     assert result.stop_reason == "time_budget"
     assert result.elapsed_s < 16.0
     assert 0 < len(result.loss_curve) < 100_000
@@ -115,6 +117,38 @@ def test_checkpoint_and_resume(knee, tmp_path):
         reconstruct(scan, _settings(iterations=30, resume=tmp_path / "junk.pt"))
 
 
+def test_run_stops_when_the_loss_plateaus(knee):
+    scan, reference = knee
+    result = reconstruct(scan, _settings(iterations=1500, gaussians=300, init="random"))
+    assert result.stop_reason == "plateau"
+    assert 600 < len(result.loss_curve) < 1500  # never before densification ends (60 %) plus two windows
+    assert _correlation(result.volume, reference) > 0.5
+
+
+def test_plateau_rule_and_view_stream(knee):
+    """The plateau rule on given loss curves; several views per step still visit each view once per pass."""
+    from ixgs.reconstruct import _Clock, _GaussianTrainer, reconstruction_grid, support_padding
+
+    scan, _ = knee
+    settings = _settings(gaussians=200, init="random", views_per_step=5)
+    grid = reconstruction_grid(scan, settings)
+    trainer = _GaussianTrainer(scan, settings, grid.padded(support_padding(grid, 1.2)), torch.device("cpu"),
+                               _Clock(0.0, None, None, None))
+    steps = [trainer._next_views() for _ in range(12)]
+    assert all(len(views) == 5 for views in steps)
+    stream = sum(steps, [])  # 12 steps x 5 views = 5 passes over the 12 views
+    assert all(sorted(stream[12 * k:12 * (k + 1)]) == list(range(12)) for k in range(5))
+    assert stream[:12] != stream[12:24]  # a fresh order each pass
+    trainer.densified_until = 0
+    window = trainer.PLATEAU_WINDOW
+    trainer.loss_curve = [(i, 1.0) for i in range(2 * window)]
+    assert trainer.plateaued()
+    trainer.loss_curve = [(i, 1.0 - 0.01 * (i >= window)) for i in range(2 * window)]  # still falling 1 %
+    assert not trainer.plateaued()
+    trainer.loss_curve = [(i, 1.0) for i in range(2 * window - 1)]  # too short to judge
+    assert not trainer.plateaued()
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"method": "fdk"}, "setting 'method'"),
     ({"voxel_size_mm": -1.0}, "setting 'voxel_size_mm'"),
@@ -122,6 +156,9 @@ def test_checkpoint_and_resume(knee, tmp_path):
     ({"time_budget_s": float("nan")}, "setting 'time_budget_s'"),
     ({"init": "zeros"}, "setting 'init'"),
     ({"sart_factor": 0.5}, "setting 'sart_factor'"),
+    ({"views_per_step": 0}, "setting 'views_per_step'"),
+    ({"memory_budget_mib": 0.0}, "setting 'memory_budget_mib'"),
+    ({"method": "sart", "refine_poses": True}, "setting 'refine_poses'"),
 ])
 def test_bad_settings_are_refused(knee, overrides, message):
     scan, _ = knee
