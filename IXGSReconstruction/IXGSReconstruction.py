@@ -111,6 +111,7 @@ class IXGSReconstructionParameterNode:
     init: Annotated[str, Choice(["random", "sart"])] = "sart"  # the engine's default
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
     seed: Annotated[int, WithinRange(0, 2147483647)] = 0
+    refinePoses: bool = False
     outputDirectory: pathlib.Path
     outputVolume: vtkMRMLScalarVolumeNode
     coverageVolume: vtkMRMLScalarVolumeNode
@@ -407,6 +408,7 @@ class IXGSReconstructionLogic(ScriptedLoadableModuleLogic):
 
         return ReconstructionSettings(
             method=p.method, preset=p.preset, init=p.init, device=p.device, seed=p.seed,
+            refine_poses=p.refinePoses and p.method == "gaussian",  # poses are learned with the Gaussians
             voxel_size_mm=p.voxelSizeMm or None,  # 0 = "auto": the engine's default
             roi=roi_from_roi_node(p.roi) if p.roi else None,
         )
