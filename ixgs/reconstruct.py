@@ -82,7 +82,7 @@ class ReconstructionSettings:
     # Stop once the loss stops falling, after densification (see _GaussianTrainer.plateaued).
     stop_on_plateau: bool = True
     # Fused per-pair kernels through torch.compile: ~1.5-2x faster per iteration after a one-off
-    # compilation of 10-30 s, so worth it for long runs; falls back to plain torch where it cannot work.
+    # compilation of 7-30 s, so worth it for long runs; falls back to plain torch where it cannot work.
     compile: bool = False
     # MiB the Gaussian/pixel pair work may hold at once (default: a quarter of the free memory, <= 4 GiB).
     memory_budget_mib: float | None = None
@@ -497,8 +497,7 @@ class _GaussianTrainer:
             loss = self.TV_WEIGHT * self._tv_loss()
             for index in views:
                 pose = self._pose(index) if fraction >= self.POSE_FROM else None
-                rendered, radii = self._render(level.rays[index], pose, return_radii=True)
-                rendered = rendered + self._outer_projection(level.rays[index], pose)
+                rendered, radii = self._project(level.rays[index], pose)
                 loss = loss + projection_loss(rendered, level.images[index], self.DSSIM_WEIGHT) / len(views)
                 visible |= radii > 0
             loss.backward()
@@ -552,9 +551,11 @@ class _GaussianTrainer:
         recent, before = np.mean(losses[-window:]), np.mean(losses[-2 * window:-window])
         return bool(before - recent < self.PLATEAU_TOLERANCE * before)
 
-    def _render(self, rays, pose: torch.Tensor | None, return_radii: bool = False):
-        return render(self.model, rays, return_radii=return_radii, pose=pose, memory_budget=self.memory_budget,
-                      compile=self.settings.compile)
+    def _project(self, rays, pose: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The view as the model sees it (Gaussians plus the outer volume) and the Gaussians' footprint radii."""
+        image, radii = render(self.model, rays, return_radii=True, pose=pose, memory_budget=self.memory_budget,
+                              compile=self.settings.compile)
+        return image + self._outer_projection(rays, pose), radii
 
     def _pose(self, index: int) -> torch.Tensor | None:
         """View ``index``'s learned rigid correction (4, 4), or None without pose refinement."""
@@ -570,7 +571,7 @@ class _GaussianTrainer:
     def reprojections(self, indices: list[int]) -> dict[int, torch.Tensor]:
         """Views ``indices`` at full resolution as the model (with the outer volume) sees them."""
         rays = self.levels[-1].rays
-        return {index: self._render(rays[index], self._pose(index)) + self._outer_projection(rays[index], self._pose(index)) for index in indices}
+        return {index: self._project(rays[index], self._pose(index))[0] for index in indices}
 
     def pose_report(self) -> list[dict]:
         """Per view: name, correction and corrected projection matrix; empty without refinement."""
