@@ -313,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--roi", type=float, nargs=6, metavar=("CX", "CY", "CZ", "SX", "SY", "SZ"),
                      help="box to reconstruct, LPS mm (default: the scan's)")
     rec.add_argument("--refine-poses", action="store_true",
-                     help="learn a small rigid correction (6 DoF) of each view's pose; reported in report.json")
+                     help="experimental: learn a small rigid correction (6 DoF) of each view's pose, reported in "
+                          "report.json; on sparse views it recovers only part of a pose error (see the README)")
     rec.add_argument("--views-per-step", type=int, default=defaults.views_per_step,
                      help="views rendered per optimiser step (more keeps a GPU busy)")
     rec.add_argument("--no-plateau-stop", action="store_true",
