@@ -39,7 +39,7 @@ from ixgs.metrics import evaluate
 from ixgs.phantom import default_roi, hu_to_attenuation, make_phantom
 from ixgs.poses import PoseCorrections, projection_displacement_px, transform_rays
 from ixgs.projector import forward_project
-from ixgs.reconstruct import ReconstructionSettings, reconstruct, reconstruction_grid, surrounding_box
+from ixgs.reconstruct import ReconstructionSettings, _sart_grid, reconstruct, reconstruction_grid
 from ixgs.sart import sart_reconstruct
 from ixgs.scan import Scan, read_scan
 from ixgs.simulate import simulate_scan
@@ -138,8 +138,8 @@ def registration_bounds(args, phantom, scan: Scan, perturbed: Scan) -> None:
     """The ``--registration`` diagnostic (see the module docstring)."""
     center, lever = scan.roi.center, max(scan.roi.size) / 2
     exact = hu_to_attenuation(torch.as_tensor(np.asarray(phantom.array, dtype=np.float32)))
-    grid = reconstruction_grid(scan, ReconstructionSettings(voxel_size_mm=args.voxel_size))
-    sart_grid = surrounding_box(scan, grid.roi, 2.5).grid(1.5 * args.voxel_size)  # the trainer's SART grid
+    settings = ReconstructionSettings(voxel_size_mm=args.voxel_size)
+    sart_grid = _sart_grid(scan, reconstruction_grid(scan, settings), settings.sart_factor)  # the engine's SART grid
     rows, estimates = {}, {"exact volume": [], "leave-one-out SART, from perturbed": [],
                            "leave-one-out SART, from true": []}
     started = time.perf_counter()
@@ -163,7 +163,7 @@ def registration_bounds(args, phantom, scan: Scan, perturbed: Scan) -> None:
              f"{args.phantom}, {args.views} views of {args.detector} px (detector {args.field_of_view} x the ROI); "
              f"each view perturbed by {args.degrees} deg and {args.mm} mm (zero mean) and registered on its own; "
              f"SART: {args.sart_iterations} iterations of the other views on {sart_grid.shape} voxels of "
-             f"{1.5 * args.voxel_size} mm.", "",
+             f"{max(sart_grid.spacing):.2f} mm.", "",
              "| reference volume | pose error px | rotation error deg |", "|---|---|---|"]
     lines += [f"| {name} | {row['projection_displacement_px']} | {row['rotation_deg']} |" for name, row in rows.items()]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
