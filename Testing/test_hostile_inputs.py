@@ -421,3 +421,31 @@ def test_naf_pickle_cannot_run_code(tmp_path, capsys):
                                    "-o", str(tmp_path / "out")])
     assert status == 2 and "refusing to load posix.system" in err and not marker.exists()
     assert not (tmp_path / "out").exists()
+
+
+def test_a_1e300_scaled_scan_reconstructs_with_warnings_as_errors(tmp_path):
+    """The real command (``python -W error -m ixgs``): no numpy warning escapes anywhere on the way."""
+    import subprocess
+    import sys
+
+    scan = _scan(tmp_path)
+    _edit_scan(scan, lambda meta: [view.__setitem__("projection_matrix", (np.asarray(view["projection_matrix"])
+                                                                          * 1e300).tolist())
+                                   for view in meta["views"]])
+    process = subprocess.run([sys.executable, "-W", "error", "-m", "ixgs", *_reconstruct(scan, tmp_path)],
+                             capture_output=True, text=True, timeout=300)
+    assert process.returncode == 0 and process.stderr == "", process.stderr
+    assert (tmp_path / "out" / "volume.nrrd").is_file()
+
+
+def test_memory_estimates_leave_ordinary_runs_alone(tmp_path):
+    """The default 128^3 grid and preset fit easily; the estimate for SART grows with the views."""
+    from ixgs.limits import available_bytes, check_memory, reconstruction_needs
+    from ixgs.reconstruct import ReconstructionSettings
+
+    scan = read_scan(_scan(tmp_path))
+    for method in ("sart", "gaussian"):
+        needs = reconstruction_needs(scan, ReconstructionSettings(method=method))
+        assert 1e6 < sum(need.bytes for need in needs) < 2 ** 30
+        check_memory(needs)
+    assert available_bytes()[0] > 0

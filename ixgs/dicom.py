@@ -148,7 +148,8 @@ def dataset_views(ds, label: str, assumptions: dict | None = None) -> list[Dicom
                                          image_axes, ds, name)
         image = attenuation_image(ds, frames[frame], name)
         if not np.all(np.isfinite(image)):
-            raise ValueError(f"{name}: pixel values are not finite after RescaleSlope / RescaleIntercept (0028,1053/1052)")
+            raise ValueError(f"{name}: pixel values are not finite after RescaleSlope / RescaleIntercept "
+                             "(0028,1053/1052)")
         views.append(DicomView(image, matrix, name))
     return views
 

@@ -166,9 +166,9 @@ def reconstruction_needs(scan, settings) -> list[Need]:
         # As reconstruct._sart_grid: the box around the ROI at SART_VOXEL_FACTOR x the output voxel.
         box = surrounding_box(scan, roi, settings.sart_factor)
         sart_voxels = voxel_count(box, SART_VOXEL_FACTOR * voxel)
-        needs.append(Need(f"SART's {sart_voxels:.3g}-voxel grid ({settings.sart_factor:g} x the ROI, voxels "
-                          f"{SART_VOXEL_FACTOR:g} x {voxel:.3g} mm) for {len(scan.views)} views", sart_bytes(sart_voxels, len(scan.views)), voxel_setting,
-                          on_device=True))
+        what = (f"SART's {sart_voxels:.3g}-voxel grid ({settings.sart_factor:g} x the ROI, voxels "
+                f"{SART_VOXEL_FACTOR:g} x {voxel:.3g} mm) for {len(scan.views)} views")
+        needs.append(Need(what, sart_bytes(sart_voxels, len(scan.views)), voxel_setting, on_device=True))
     else:
         preset = PRESETS[settings.preset]
         count = max(preset["max_gaussians"], settings.gaussians or preset["gaussians"])

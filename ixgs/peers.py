@@ -174,7 +174,8 @@ def read_tigre(folder: str | os.PathLike, isocenter_mm=(0.0, 0.0, 0.0)):
         if name in geo and np.any(np.asarray(geo[name], float) != 0):
             raise ValueError(f"{manifest}: '{name}' must be zero (detector rotations / centre of rotation "
                              "offsets are not supported)")
-    angles = _load_npy(path_inside(folder, "angles.npy", f"{folder}: angles.npy"), f"{folder}: angles.npy").astype(float)
+    label = f"{folder}: angles.npy"
+    angles = _load_npy(path_inside(folder, "angles.npy", label), label).astype(float)
     if angles.ndim == 2:
         if angles.shape[1] != 3 or np.any(angles[:, 1:] != 0):
             raise ValueError(f"{folder}: angles.npy: only rotations about z (Euler ZYZ (a, 0, 0)) are supported")
@@ -186,7 +187,10 @@ def read_tigre(folder: str | os.PathLike, isocenter_mm=(0.0, 0.0, 0.0)):
     if projections.ndim != 3 or len(projections) != len(angles):
         raise ValueError(f"{folder}: projections.npy {projections.shape} does not match {len(angles)} angles")
     n = len(angles)
-    dsd, dso = (np.broadcast_to(np.asarray(geo.get(k, np.nan), float), (n,)) for k in ("DSD", "DSO"))
+    for name in ("DSD", "DSO"):
+        if name not in geo:
+            raise ValueError(f"{manifest}: missing '{name}'")
+    dsd, dso = (np.broadcast_to(np.asarray(geo[k], float), (n,)) for k in ("DSD", "DSO"))
     offsets = np.broadcast_to(np.asarray(geo.get("offDetector", (0.0, 0.0)), float), (n, 2))
     isocenter = np.asarray(isocenter_mm, float)
     images, matrices = [], []
