@@ -17,7 +17,6 @@ The world frame of the result is the phantom's (LPS mm); see ``docs/geometry.md`
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from skimage.morphology import disk, white_tophat
 
 from .geometry import Roi, compose_projection_matrix, normalize_projection_matrix, project_points, view_rays
 from .scan import decompose_projection_matrix, read_scan, write_scan
-from .volume import atomic_path, read_json_object
+from .volume import atomic_path, json_text, read_json_object
 
 LAYOUT_FORMAT = "ixgs.bead_layout"
 MIN_BEADS = 8  # beads needed to solve 11 unknowns with redundancy against one wrong pair
@@ -242,6 +241,8 @@ def calibrate_scan(images: str | os.PathLike, layout_spec: str | os.PathLike, ou
 
     Any view that cannot be calibrated refuses the whole run, naming every such view.
     """
+    if not (np.isfinite(max_rms_px) and max_rms_px > 0):
+        raise ValueError(f"max_rms_px (--max-error) must be a positive number of pixels, got {max_rms_px}")
     layout = load_layout(layout_spec)
     images = Path(images)
     if (images / "scan.json").is_file() or images.suffix == ".json":
@@ -264,7 +265,7 @@ def calibrate_scan(images: str | os.PathLike, layout_spec: str | os.PathLike, ou
     path = write_scan(out_scan, [image for image, _, _ in views], [r.projection_matrix for r in results],
                       roi=layout.roi)
     with atomic_path(Path(path) / "calibration.json") as temporary:
-        temporary.write_text(json.dumps(report, indent=1))
+        temporary.write_text(json_text(report, indent=1))
     return Path(path), report
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -49,6 +50,36 @@ class _ProgressPrinter:
             bar.close()
 
 
+def finite_float(text: str) -> float:
+    """argparse type: a finite number (NaN and infinities are refused: they pass every comparison)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number above zero."""
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
 def _finite_or_none(value: float):
     return round(float(value), 6) if np.isfinite(value) else None
 
@@ -74,11 +105,14 @@ def reconstruct_to_folder(scan_path: Path, out_dir: Path, settings, bone_thresho
 
     check_replaceable(out_dir, OUTPUT_MARKER, "an IXGS output folder")  # before minutes of work
     scan = read_scan(scan_path)
+    _print_warnings(scan.warnings)
     printer = _ProgressPrinter(progress_mode)
+    read_warnings = len(scan.warnings)
     try:
         result = reconstruct(scan, settings, progress=printer)
     finally:
         printer.close()
+    _print_warnings(scan.warnings[read_warnings:])  # reconstruct's, about a given ROI
     report = {
         "ixgs_version": __version__,
         "scan": str(scan_path),
@@ -91,11 +125,17 @@ def reconstruct_to_folder(scan_path: Path, out_dir: Path, settings, bone_thresho
                  "origin_mm": list(result.volume.origin)},
         "reprojection_psnr": result.reprojection_psnr,
         "peak_memory_mib": result.peak_memory,
+        "warnings": scan.warnings,
     }
     if result.pose_corrections:
         report["pose_corrections"] = result.pose_corrections
     return write_outputs(out_dir, scan, result.volume, report, bone_threshold, result.reprojections,
                          result.loss_curve)
+
+
+def _print_warnings(warnings: list[str]) -> None:
+    for warning in warnings:
+        print(f"ixgs: warning: {warning}", file=sys.stderr)
 
 
 def settings_arguments(settings) -> list[str]:
@@ -138,10 +178,11 @@ def _settings_from(args):
 
 
 def _cmd_reconstruct(args) -> int:
+    from .volume import json_text
     settings = _settings_from(args)
     report = reconstruct_to_folder(Path(args.scan), Path(args.output), settings, args.bone_threshold, args.progress)
     if args.progress != "json":
-        print(json.dumps(_summary(report, args.output), indent=1))
+        print(json_text(_summary(report, args.output), indent=1))
     return 0
 
 
@@ -152,6 +193,8 @@ def _summary(report: dict, output) -> dict:
         summary["metrics"] = report["metrics"]
     if "warning" in report["coverage"]:
         summary["coverage_warning"] = report["coverage"]["warning"]
+    if report.get("warnings"):
+        summary["warnings"] = report["warnings"]
     return summary
 
 
@@ -170,16 +213,18 @@ def _cmd_simulate(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
+    from .volume import json_text
     from .metrics import evaluate
     from .volume import Volume
 
     result = evaluate(Volume.read(args.reconstruction), Volume.read(args.reference), args.bone_threshold)
-    print(json.dumps(result))
+    print(json_text(result))
     return 0
 
 
 def _cmd_demo(args) -> int:
     """Simulate a spine scan, reconstruct it within a few minutes, and write everything to look at."""
+    from .volume import json_text
     from .phantom import default_roi, make_phantom
     from .reconstruct import ReconstructionSettings
     from .simulate import simulate_scan
@@ -197,8 +242,8 @@ def _cmd_demo(args) -> int:
         report = reconstruct_to_folder(scan_dir, temporary / "reconstruction", settings, None, "bar")
         summary = _summary(report, out / "reconstruction")
         summary["total_s"] = round(time.perf_counter() - started, 1)
-        (temporary / "metrics.json").write_text(json.dumps(summary, indent=1))
-    print(json.dumps(summary, indent=1))
+        (temporary / "metrics.json").write_text(json_text(summary, indent=1))
+    print(json_text(summary, indent=1))
     print(f"previews: {out / 'reconstruction' / 'previews'}", file=sys.stderr)
     return 0
 
@@ -212,10 +257,11 @@ def _cmd_import_dicom(args) -> int:
 
 
 def _cmd_calibrate(args) -> int:
+    from .volume import json_text
     from .calibration import calibrate_scan
 
     path, report = calibrate_scan(args.images, args.phantom, args.output, max_rms_px=args.max_error)
-    print(json.dumps({"output": str(path), "views": report["views"]}, indent=1))
+    print(json_text({"output": str(path), "views": report["views"]}, indent=1))
     return 0
 
 
@@ -250,6 +296,7 @@ def _cmd_make_standardization_data(args) -> int:
 
 
 def _cmd_train_standardizer(args) -> int:
+    from .volume import json_text
     from .standardize.pix2pix import TrainSettings, train_standardizer
 
     settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, ngf=args.ngf, ndf=args.ngf,
@@ -262,7 +309,7 @@ def _cmd_train_standardizer(args) -> int:
             bar.set_postfix(l1=f"{row['loss_g_l1']:.4f}", d=f"{row['loss_d']:.3f}")
 
         row = train_standardizer(args.data, args.output, settings, resume=args.resume, progress=report)
-    print(json.dumps({"weights": str(args.output), **row}))
+    print(json_text({"weights": str(args.output), **row}))
     return 0
 
 
@@ -284,14 +331,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="simulate a phantom scan, reconstruct it, write previews and metrics")
     demo.add_argument("-o", "--output", default="ixgs-demo", help="output folder (default: ixgs-demo)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--time-budget", type=float, default=150.0, help="seconds for the reconstruction")
+    demo.add_argument("--time-budget", type=finite_float, default=150.0, help="seconds for the reconstruction")
     demo.add_argument("--device", choices=DEVICES, default=defaults.device)
     demo.set_defaults(run=_cmd_demo)
 
     simulate = commands.add_parser("simulate", help="simulate a C-arm scan of a phantom")
     simulate.add_argument("--phantom", choices=("spine", "knee"), required=True)
-    simulate.add_argument("--views", type=int, default=20)
-    simulate.add_argument("--detector", type=int, default=128, help="detector size in pixels (square)")
+    simulate.add_argument("--views", type=positive_int, default=20)
+    simulate.add_argument("--detector", type=positive_int, default=128, help="detector size in pixels (square)")
     simulate.add_argument("--seed", type=int, default=0)
     simulate.add_argument("--transmission", action="store_true", help="raw detector counts with Poisson noise")
     simulate.add_argument("--progress", choices=("bar", "none"), default="bar")
@@ -304,13 +351,13 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--method", choices=METHODS, default=defaults.method)
     rec.add_argument("--preset", choices=tuple(PRESETS), default=defaults.preset)
     rec.add_argument("--iterations", type=int)
-    rec.add_argument("--voxel-size", type=float, help="mm (default: ROI's longest side / 128)")
+    rec.add_argument("--voxel-size", type=finite_float, help="mm (default: ROI's longest side / 128)")
     rec.add_argument("--init", choices=INITS, default=defaults.init)
     rec.add_argument("--device", choices=DEVICES, default=defaults.device)
     rec.add_argument("--seed", type=int, default=defaults.seed)
-    rec.add_argument("--time-budget", type=float, help="seconds; the result so far is returned when spent")
+    rec.add_argument("--time-budget", type=finite_float, help="seconds; the result so far is returned when spent")
     rec.add_argument("--gaussians", type=int, help="initial number of Gaussians (default: the preset's)")
-    rec.add_argument("--roi", type=float, nargs=6, metavar=("CX", "CY", "CZ", "SX", "SY", "SZ"),
+    rec.add_argument("--roi", type=finite_float, nargs=6, metavar=("CX", "CY", "CZ", "SX", "SY", "SZ"),
                      help="box to reconstruct, LPS mm (default: the scan's)")
     rec.add_argument("--refine-poses", action="store_true",
                      help="experimental: learn a small rigid correction (6 DoF) of each view's pose, reported in "
@@ -321,9 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run all iterations even when the loss has stopped falling")
     rec.add_argument("--compile", action="store_true",
                      help="fused kernels via torch.compile: faster long runs after a one-off compilation")
-    rec.add_argument("--memory-budget", type=float, metavar="MIB",
+    rec.add_argument("--memory-budget", type=finite_float, metavar="MIB",
                      help="memory the Gaussian/pixel pair work may hold at once (default: a quarter of free memory)")
-    rec.add_argument("--bone-threshold", type=float, help="1/mm (default: Otsu)")
+    rec.add_argument("--bone-threshold", type=finite_float, help="1/mm (default: Otsu)")
     rec.add_argument("--checkpoint", type=Path, help="file to save the training state to, periodically")
     rec.add_argument("--resume", type=Path, help="checkpoint to continue from")
     rec.add_argument("--progress", choices=("bar", "json", "none"), default="bar")
@@ -332,20 +379,20 @@ def build_parser() -> argparse.ArgumentParser:
     ev = commands.add_parser("evaluate", help="3D PSNR, SSIM and bone Dice of a reconstruction against a reference")
     ev.add_argument("reconstruction")
     ev.add_argument("reference")
-    ev.add_argument("--bone-threshold", type=float, help="1/mm (default: Otsu of the reference)")
+    ev.add_argument("--bone-threshold", type=finite_float, help="1/mm (default: Otsu of the reference)")
     ev.set_defaults(run=_cmd_evaluate)
     imp = commands.add_parser("import-dicom", help="import DICOM X-rays (XA, RF, DX, CR) with their C-arm geometry as a scan")
     imp.add_argument("folder")
     imp.add_argument("-o", "--output", required=True)
-    imp.add_argument("--assume-sid", type=float, metavar="MM", help="source-detector distance for files without it")
-    imp.add_argument("--assume-sod", type=float, metavar="MM", help="source-isocentre distance for files without it")
-    imp.add_argument("--assume-pixel-spacing", type=float, metavar="MM", help="detector pixel size for files without it")
+    imp.add_argument("--assume-sid", type=positive_float, metavar="MM", help="source-detector distance for files without it")
+    imp.add_argument("--assume-sod", type=positive_float, metavar="MM", help="source-isocentre distance for files without it")
+    imp.add_argument("--assume-pixel-spacing", type=positive_float, metavar="MM", help="detector pixel size for files without it")
     imp.set_defaults(run=_cmd_import_dicom)
 
     cal = commands.add_parser("calibrate", help="calibrate each view's geometry from images of a bead phantom")
     cal.add_argument("images", help="scan folder or DICOM folder of phantom images (their geometry is the starting guess)")
     cal.add_argument("--phantom", default="helix", metavar="LAYOUT", help="'helix' (default phantom) or a bead layout JSON")
-    cal.add_argument("--max-error", type=float, default=1.0, metavar="PX", help="largest RMS reprojection error accepted")
+    cal.add_argument("--max-error", type=positive_float, default=1.0, metavar="PX", help="largest RMS reprojection error accepted")
     cal.add_argument("-o", "--output", required=True)
     cal.set_defaults(run=_cmd_calibrate)
 

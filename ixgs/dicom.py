@@ -42,6 +42,9 @@ ORIENTATION_LETTERS = {"L": (1, 0, 0), "R": (-1, 0, 0), "P": (0, 1, 0), "A": (0,
 # |cosine| below which a Patient Orientation letter does not match an image axis of the pose.
 ORIENTATION_MIN_COSINE = 0.5
 ISOCENTER = (0.0, 0.0, 0.0)
+# Files with these suffixes, or with the DICOM preamble ("DICM" at byte 128), are DICOM: one that cannot
+# be read is refused rather than skipped (a truncated copy must not silently drop a view).
+DICOM_SUFFIXES = (".dcm", ".dicom")
 
 
 @dataclass
@@ -83,11 +86,17 @@ def read_dicom_views(folder: str | os.PathLike, *, assume_sid_mm: float | None =
         raise ValueError(f"{folder}: not a folder")
     datasets = []
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        label = path.relative_to(folder).as_posix()
         try:
             ds = pydicom.dcmread(path)
-        except (InvalidDicomError, OSError):
+        except (InvalidDicomError, OSError, ValueError, EOFError) as error:
+            if _looks_like_dicom(path):
+                raise ValueError(f"{label}: a DICOM file that cannot be read (truncated or damaged?): "
+                                 f"{str(error).strip() or type(error).__name__}") from None
             continue  # not DICOM (a README, a thumbnail): skipped
         if "PixelData" not in ds:
+            if _is_image(ds):
+                raise ValueError(f"{label}: an image without PixelData (7FE0,0010): truncated or damaged?")
             continue  # DICOMDIR, structured reports
         datasets.append((str(ds.get("SeriesInstanceUID", "")), _number(ds.get("InstanceNumber")) or 0.0, path, ds))
     if not datasets:
@@ -98,6 +107,19 @@ def read_dicom_views(folder: str | os.PathLike, *, assume_sid_mm: float | None =
     for _, _, path, ds in sorted(datasets, key=lambda item: item[:3]):
         views.extend(dataset_views(ds, path.relative_to(folder).as_posix(), assumptions))
     return views
+
+
+def _is_image(ds) -> bool:
+    """Whether a dataset is an X-ray or any other image object by its Modality or SOP Class."""
+    meta = getattr(ds, "file_meta", None)
+    sop_class = ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta is not None else None)
+    return str(ds.get("Modality", "")) in MODALITIES or "Image Storage" in str(getattr(sop_class, "name", ""))
+
+
+def _looks_like_dicom(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        preamble = handle.read(132)
+    return path.suffix.lower() in DICOM_SUFFIXES or preamble[128:132] == b"DICM"
 
 
 def dataset_views(ds, label: str, assumptions: dict | None = None) -> list[DicomView]:
@@ -124,7 +146,11 @@ def dataset_views(ds, label: str, assumptions: dict | None = None) -> list[Dicom
         name = label if n_frames == 1 else f"{label}#{frame}"
         matrix = dicom_projection_matrix(primary[frame], secondary[frame], sid[frame], sod[frame], shape, spacing,
                                          image_axes, ds, name)
-        views.append(DicomView(attenuation_image(ds, frames[frame], name), matrix, name))
+        image = attenuation_image(ds, frames[frame], name)
+        if not np.all(np.isfinite(image)):
+            raise ValueError(f"{name}: pixel values are not finite after RescaleSlope / RescaleIntercept "
+                             "(0028,1053/1052)")
+        views.append(DicomView(image, matrix, name))
     return views
 
 
@@ -217,6 +243,13 @@ def _number(value) -> float | None:
     return float(value)
 
 
+def _finite_tag(value: float | None, label: str, keyword: str, tag: str) -> float | None:
+    """``value`` of a geometry tag, refused when NaN or infinite (it would make the matrix NaN)."""
+    if value is not None and not np.isfinite(value):
+        raise ValueError(f"{label}: {keyword} {tag} is {value}, not a finite number")
+    return value
+
+
 def _tag_values(ds, keyword: str, count: int, label: str) -> np.ndarray | None:
     """A numeric tag with ``count`` values (None when absent); refuses a wrong count or non-finite values."""
     if keyword not in ds or ds.get(keyword) in (None, ""):
@@ -225,7 +258,7 @@ def _tag_values(ds, keyword: str, count: int, label: str) -> np.ndarray | None:
     if values.size != count:
         raise ValueError(f"{label}: {keyword} must have {count} value(s), got {values.size}")
     if not np.all(np.isfinite(values)):
-        raise ValueError(f"{label}: {keyword} has non-finite values")
+        raise ValueError(f"{label}: {keyword} has non-finite values {values.tolist()}")
     return values
 
 
@@ -276,6 +309,7 @@ def _distances(ds, label: str, assumptions: dict) -> tuple[list[float], list[flo
             value = _functional_group_value(ds, frame, "XRayGeometrySequence", enhanced)
             if value is None:
                 value = _number(ds.get(keyword))
+            _finite_tag(value, label, keyword, tag)
             if value is None:
                 if assumed is None:
                     raise ValueError(f"{label}: missing {keyword} {tag}; give {option} MM")
@@ -291,11 +325,12 @@ def _frame_angles(ds, n_frames: int, label: str) -> tuple[list[float], list[floa
     """Per-frame primary and secondary angles (degrees)."""
     angles = []
     for keyword, tag in (("PositionerPrimaryAngle", "(0018,1510)"), ("PositionerSecondaryAngle", "(0018,1511)")):
-        per_frame = [_functional_group_value(ds, f, "PositionerPositionSequence", keyword) for f in range(n_frames)]
+        per_frame = [_finite_tag(_functional_group_value(ds, f, "PositionerPositionSequence", keyword), label,
+                                 keyword, tag) for f in range(n_frames)]
         if all(value is not None for value in per_frame):
             angles.append(per_frame)
             continue
-        first = _number(ds.get(keyword))
+        first = _finite_tag(_number(ds.get(keyword)), label, keyword, tag)
         if first is None:
             raise ValueError(f"{label}: missing {keyword} {tag}")
         increments = _tag_values(ds, f"{keyword}Increment", n_frames, label) if n_frames > 1 else None

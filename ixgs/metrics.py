@@ -60,9 +60,10 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
 
 
 def dice(mask: np.ndarray, reference_mask: np.ndarray) -> float:
+    """Dice overlap; NaN (undefined, null in JSON) when both masks are empty, not a perfect score."""
     mask, reference_mask = np.asarray(mask, bool), np.asarray(reference_mask, bool)
     total = mask.sum() + reference_mask.sum()
-    return 1.0 if total == 0 else float(2.0 * np.logical_and(mask, reference_mask).sum() / total)
+    return float("nan") if total == 0 else float(2.0 * np.logical_and(mask, reference_mask).sum() / total)
 
 
 def evaluate(reconstruction: Volume, reference: Volume, bone_threshold: float | None = None) -> dict:
@@ -71,6 +72,8 @@ def evaluate(reconstruction: Volume, reference: Volume, bone_threshold: float | 
     Bone is the same physical threshold on both (Otsu of the reference unless given), so Dice
     measures shape, not a difference in each volume's own threshold choice.
     """
+    if bone_threshold is not None and not np.isfinite(bone_threshold):
+        raise ValueError(f"bone threshold must be a finite number (1/mm), got {bone_threshold}")
     values = resample_to(reconstruction, reference)
     target = np.asarray(reference.array, np.float32)
     threshold = otsu_threshold(target) if bone_threshold is None else float(bone_threshold)

@@ -6,7 +6,6 @@ One output folder, written atomically: ``volume.nrrd`` (float32, 1/mm, LPS), ``b
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -18,7 +17,7 @@ from skimage.draw import line as draw_line
 from .geometry import Grid, normalize_projection_matrix, sees
 from .metrics import evaluate, otsu_threshold
 from .scan import Scan
-from .volume import Volume, atomic_path, check_replaceable, write_image
+from .volume import Volume, atomic_path, check_replaceable, json_text, write_image
 
 OUTPUT_MARKER = "report.json"
 
@@ -89,16 +88,8 @@ def write_outputs(out_dir: str | os.PathLike, scan: Scan, volume: Volume, report
         bone.write(temporary / "bone.nrrd")
         coverage.write(temporary / "coverage.nrrd")
         _write_previews(temporary / "previews", volume, scan, reprojections, loss_curve or [])
-        (temporary / "report.json").write_text(json.dumps(report, indent=1, default=_json_default))
+        (temporary / "report.json").write_text(json_text(report, indent=1))
     return report
-
-
-def _json_default(value):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
 def to_uint8(image: np.ndarray, low: float | None = None, high: float | None = None) -> np.ndarray:

@@ -15,7 +15,6 @@ reference volume to attenuation per mm.
 """
 from __future__ import annotations
 
-import json
 import os
 import pickle
 from dataclasses import dataclass
@@ -25,8 +24,8 @@ import numpy as np
 
 from .dicom import pixel_axes_matrix
 from .geometry import Grid, closest_point_to_lines, compose_projection_matrix, normalize_projection_matrix
-from .scan import Scan, decompose_projection_matrix, read_scan, write_scan
-from .volume import Volume, atomic_path, check_replaceable, read_json_object
+from .scan import Scan, decompose_projection_matrix, path_inside, read_scan, write_scan
+from .volume import Volume, atomic_path, check_replaceable, json_text, read_json_object
 
 FORMATS = ("r2gaussian", "naf", "tigre")
 METRE_MM = 1000.0
@@ -108,14 +107,17 @@ def read_r2gaussian(folder: str | os.PathLike, unit_mm: float | None = None, iso
     images, matrices = [], []
     for index, entry in enumerate(entries):
         label = f"{manifest}: proj_train[{index}]"
-        if not isinstance(entry, dict) or "file_path" not in entry or "angle" not in entry:
-            raise ValueError(f"{label}: needs 'file_path' and 'angle'")
-        images.append(_projection(_load_npy(folder / entry["file_path"], label), geometry, label))
-        matrices.append(tigre_projection_matrix(float(entry["angle"]), geometry, True, isocenter))
+        if not isinstance(entry, dict) or not isinstance(entry.get("file_path"), str) or "angle" not in entry:
+            raise ValueError(f"{label}: needs 'file_path' (a path) and 'angle'")
+        path = path_inside(folder, entry["file_path"], f"{label}: field 'file_path'")
+        images.append(_projection(_load_npy(path, label), geometry, label))
+        matrices.append(tigre_projection_matrix(_finite(entry["angle"], f"{label}: field 'angle'"), geometry, True,
+                                                isocenter))
     roi_grid = _volume_grid(scanner, unit, isocenter, manifest, order="xyz")
     reference = None
     if isinstance(meta.get("vol"), str) and (folder / meta["vol"]).is_file():
-        reference = _reference(_load_npy(folder / meta["vol"], f"{manifest}: vol"), roi_grid, unit, f"{manifest}: vol")
+        path = path_inside(folder, meta["vol"], f"{manifest}: field 'vol'")
+        reference = _reference(_load_npy(path, f"{manifest}: vol"), roi_grid, unit, f"{manifest}: vol")
     return images, matrices, roi_grid.roi, reference
 
 
@@ -143,6 +145,8 @@ def read_naf(path: str | os.PathLike, isocenter_mm=(0.0, 0.0, 0.0)):
     projections, angles = np.asarray(train["projections"]), np.asarray(train["angles"], float).ravel()
     if projections.ndim != 3 or len(projections) != len(angles):
         raise ValueError(f"{path}: train projections {projections.shape} do not match {len(angles)} angles")
+    if not np.all(np.isfinite(angles)):
+        raise ValueError(f"{path}: train 'angles' must be finite numbers")
     isocenter = np.asarray(isocenter_mm, float)
     images = [_projection(p, geometry, f"{path}: train projection {i}") for i, p in enumerate(projections)]
     matrices = [tigre_projection_matrix(a, geometry, True, isocenter) for a in angles]
@@ -170,16 +174,23 @@ def read_tigre(folder: str | os.PathLike, isocenter_mm=(0.0, 0.0, 0.0)):
         if name in geo and np.any(np.asarray(geo[name], float) != 0):
             raise ValueError(f"{manifest}: '{name}' must be zero (detector rotations / centre of rotation "
                              "offsets are not supported)")
-    angles = _load_npy(folder / "angles.npy", f"{folder}: angles.npy").astype(float)
+    label = f"{folder}: angles.npy"
+    angles = _load_npy(path_inside(folder, "angles.npy", label), label).astype(float)
     if angles.ndim == 2:
         if angles.shape[1] != 3 or np.any(angles[:, 1:] != 0):
             raise ValueError(f"{folder}: angles.npy: only rotations about z (Euler ZYZ (a, 0, 0)) are supported")
         angles = angles[:, 0]
-    projections = _load_npy(folder / "projections.npy", f"{folder}: projections.npy")
+    if not np.all(np.isfinite(angles)):
+        raise ValueError(f"{folder}: angles.npy must hold finite numbers")
+    projections = _load_npy(path_inside(folder, "projections.npy", f"{folder}: projections.npy"),
+                            f"{folder}: projections.npy")
     if projections.ndim != 3 or len(projections) != len(angles):
         raise ValueError(f"{folder}: projections.npy {projections.shape} does not match {len(angles)} angles")
     n = len(angles)
-    dsd, dso = (np.broadcast_to(np.asarray(geo.get(k, np.nan), float), (n,)) for k in ("DSD", "DSO"))
+    for name in ("DSD", "DSO"):
+        if name not in geo:
+            raise ValueError(f"{manifest}: missing '{name}'")
+    dsd, dso = (np.broadcast_to(np.asarray(geo[k], float), (n,)) for k in ("DSD", "DSO"))
     offsets = np.broadcast_to(np.asarray(geo.get("offDetector", (0.0, 0.0)), float), (n, 2))
     isocenter = np.asarray(isocenter_mm, float)
     images, matrices = [], []
@@ -237,7 +248,7 @@ def export_r2gaussian(scan_path: str | os.PathLike, out_dir: str | os.PathLike, 
                 "proj_train": entries, "proj_test": entries,
                 "ixgs": {"unit_mm": unit_mm, "isocenter_lps_mm": isocenter.tolist(), "image_flip": flip,
                          "scan": str(scan.path)}}
-        (temporary / "meta_data.json").write_text(json.dumps(meta, indent=1))
+        (temporary / "meta_data.json").write_text(json_text(meta, indent=1))
     return out_dir
 
 
@@ -306,6 +317,16 @@ def _load_npy(path: Path, label: str) -> np.ndarray:
         raise ValueError(f"{label}: {path} is not a .npy array ({error})") from None
 
 
+def _finite(value, label: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{label}: must be a number, got {value!r}") from None
+    if not np.isfinite(number):
+        raise ValueError(f"{label}: must be a finite number, got {value!r}")
+    return number
+
+
 def _pair(values, name: str, label, scale: float) -> tuple[float, float]:
     try:
         array = np.asarray(values, float).ravel()
@@ -330,7 +351,8 @@ def _cone_geometry(fields: dict, unit_mm: float, label, offset_order: str) -> Co
     else:
         raise ValueError(f"{label}: missing 'dDetector' or 'sDetector'")
     offset = _pair(fields.get("offDetector", (0.0, 0.0)), "offDetector", label, unit_mm)
-    geometry = ConeGeometry(float(fields["DSD"]) * unit_mm, float(fields["DSO"]) * unit_mm, n_detector, d_detector,
+    geometry = ConeGeometry(_finite(fields["DSD"], f"{label}: 'DSD'") * unit_mm,
+                            _finite(fields["DSO"], f"{label}: 'DSO'") * unit_mm, n_detector, d_detector,
                             offset[::-1] if offset_order == "uv" else offset)
     geometry.validate(str(label))
     return geometry

@@ -33,7 +33,8 @@ from .metrics import psnr
 from .poses import PoseCorrections, transform_rays
 from .projector import forward_project, sample_volume
 from .sart import sart_reconstruct
-from .scan import Scan
+from .limits import check_memory, reconstruction_needs
+from .scan import Scan, check_roi, check_roi_seen
 from .splat import render
 from .volume import Volume, atomic_path
 from .voxelize import voxelize
@@ -112,6 +113,8 @@ class ReconstructionSettings:
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
                 bad(name, f"must be a positive number, got {value!r}")
+        if self.roi is not None:
+            check_roi(self.roi, "setting 'roi'")
         if self.refine_poses and self.method != "gaussian":
             bad("refine_poses", "pose refinement is learned with the Gaussians: it needs method 'gaussian'")
         for name in ("support_factor", "sart_factor"):
@@ -222,6 +225,9 @@ def reconstruct(scan: Scan, settings: ReconstructionSettings | None = None,
     settings = settings or ReconstructionSettings()
     settings.validate()
     device = resolve_device(settings.device)
+    check_memory(reconstruction_needs(scan, settings), device)  # before any grid is built
+    if settings.roi is not None:
+        scan.warnings.extend(check_roi_seen(scan.views, settings.roi, "setting 'roi'"))
     start = time.perf_counter()
     grid = reconstruction_grid(scan, settings)
     support_grid = grid.padded(support_padding(grid, settings.support_factor))

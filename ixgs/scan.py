@@ -6,9 +6,8 @@ Every refusal raises :class:`ScanError` naming the file or view and the problem.
 """
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +21,9 @@ from .geometry import (
     normalize_projection_matrix,
     ras_to_lps_matrix,
     source_position,
+    views_seeing,
 )
-from .volume import Volume, atomic_path, check_replaceable, read_json_object
+from .volume import Volume, atomic_path, check_replaceable, json_text, read_json_object
 
 FORMAT = "ixgs.scan"
 VERSION = 1
@@ -31,6 +31,14 @@ WORLDS = ("LPS", "RAS")
 INTENSITIES = ("attenuation", "transmission")
 # Fraction of the brightest pixels that estimate the unattenuated intensity I0 of a transmission view.
 I0_BRIGHTEST_FRACTION = 0.005
+# A view is refused when more than NEGATIVE_FRACTION of its pixels lie below -NEGATIVE_TOLERANCE x its
+# largest magnitude: line integrals and detector signals are >= 0, and their noise stays well inside this.
+NEGATIVE_TOLERANCE = 0.02
+NEGATIVE_FRACTION = 0.01
+# World coordinates (mm) beyond this distance from the origin are refused as absurd (1 km).
+MAX_WORLD_MM = 1e6
+# Sample points per side of the ROI when testing which views see it.
+ROI_SAMPLES = 16
 
 
 class ScanError(ValueError):
@@ -61,6 +69,8 @@ class Scan:
     roi: Roi
     reference_volume: Path | None = None
     path: Path | None = None
+    # What the reader accepted but a user should hear about (one line each; see docs/SCAN_FORMAT.md).
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def projection_matrices(self) -> list[np.ndarray]:
@@ -102,9 +112,11 @@ def read_scan(path: str | os.PathLike) -> Scan:
         matrix = _view_matrix(entry, label)
         if world == "RAS":
             matrix = ras_to_lps_matrix(matrix)
-        image = _read_view_image(folder / entry["image"], label)
+        image = _read_view_image(path_inside(folder, entry["image"], f"{label}: field 'image'"), label)
         if intensity == "transmission":
+            _check_not_negative(image, f"{label}: transmission image", "detector signals")
             image = transmission_to_attenuation(image, i0, label)
+        _check_line_integrals(image, label)
         images.append(image)
         matrices.append(matrix)
         names.append(entry["image"])
@@ -121,16 +133,50 @@ def read_scan(path: str | os.PathLike) -> Scan:
         if roi.contains(source_position(matrix)):
             raise ScanError(f"{manifest}: view {index} ({name}): the X-ray source lies inside the ROI")
         views.append(View(image=image, projection_matrix=matrix, name=name))
+    warnings = check_roi_seen(views, roi, f"{manifest}: field 'roi'")
 
     reference = meta.get("reference_volume")
     reference_path = None
     if reference is not None:
         if not isinstance(reference, str):
             raise ScanError(f"{manifest}: field 'reference_volume' must be a path string")
-        reference_path = folder / reference
-        if not reference_path.is_file():
-            raise ScanError(f"{manifest}: reference_volume {reference!r}: file not found")
-    return Scan(views=views, roi=roi, reference_volume=reference_path, path=folder)
+        label = f"{manifest}: reference_volume {reference!r}"
+        reference_path = path_inside(folder, reference, label)
+        _check_reference_volume(reference_path, label)
+    return Scan(views=views, roi=roi, reference_volume=reference_path, path=folder, warnings=warnings)
+
+
+def path_inside(folder: Path, name: str, label: str) -> Path:
+    """``folder / name`` with symlinks resolved, refused unless it stays inside ``folder``: a file must
+    not pull any other readable file into what we write (``docs/SCAN_FORMAT.md``, "Paths")."""
+    root = Path(folder).resolve()
+    path = (root / name).resolve()
+    if Path(name).is_absolute() or not path.is_relative_to(root):
+        raise ScanError(f"{label}: {name!r} points outside the folder {str(folder)!r}; "
+                        "files must be named relative to it and stay inside it")
+    return path
+
+
+def check_roi(roi: Roi, label: str) -> None:
+    """Refuse a box that is not finite, not positive, or absurdly far (beyond :data:`MAX_WORLD_MM`)."""
+    center, size = np.asarray(roi.center, float), np.asarray(roi.size, float)
+    if center.shape != (3,) or size.shape != (3,) or not (np.all(np.isfinite(center)) and np.all(np.isfinite(size))):
+        raise ScanError(f"{label}: center and size must be 3 finite numbers each")
+    if np.any(size <= 0):
+        raise ScanError(f"{label}: 'size' must be positive, got {size.tolist()}")
+    if np.any(np.abs(center) + size / 2 > MAX_WORLD_MM):
+        raise ScanError(f"{label}: reaches beyond {MAX_WORLD_MM:g} mm from the origin (coordinates are in mm)")
+
+
+def check_roi_seen(views: list[View], roi: Roi, label: str) -> list[str]:
+    """Refuse an ROI that no view sees; return a warning for each view that does not see it."""
+    points = roi.grid(max(roi.size) / ROI_SAMPLES).voxel_centers().reshape(-1, 3)
+    blind = [index for index, view in enumerate(views)
+             if not views_seeing([view.projection_matrix], [view.shape], points, roi.center).any()]
+    if len(blind) == len(views):
+        raise ScanError(f"{label}: no view sees the ROI (center {list(roi.center)}, size {list(roi.size)} mm)")
+    return [f"{label}: view {index} ({views[index].name}) does not see the ROI; it adds nothing to the reconstruction"
+            for index in blind]
 
 
 def transmission_to_attenuation(image: np.ndarray, i0: float | None, label: str = "view") -> np.ndarray:
@@ -191,7 +237,7 @@ def write_scan(
         if reference is not None:
             reference.write(temporary / "reference.nrrd")
             meta["reference_volume"] = "reference.nrrd"
-        (temporary / "scan.json").write_text(json.dumps(meta, indent=1))
+        (temporary / "scan.json").write_text(json_text(meta, indent=1))
     return path
 
 
@@ -256,14 +302,24 @@ def _view_matrix(entry: dict, label: str) -> np.ndarray:
     elif "intrinsics" in entry and "world_to_camera" in entry:
         intrinsics = _numeric_matrix(entry["intrinsics"], ((3, 3),), "intrinsics", label)
         world_to_camera = _numeric_matrix(entry["world_to_camera"], ((4, 4), (3, 4)), "world_to_camera", label)
-        matrix = compose_projection_matrix(intrinsics, world_to_camera)
+        matrix = compose_projection_matrix(_unit_scale(intrinsics), _unit_scale(world_to_camera[:3]))
     else:
         raise ScanError(f"{label}: needs 'projection_matrix' or both 'intrinsics' and 'world_to_camera'")
+    matrix = _unit_scale(matrix)
     M = matrix[:, :3]
     # Relative test: scale-free, so matrices in pixels/mm of any magnitude are judged alike.
-    if abs(np.linalg.det(M)) <= 1e-12 * np.prod(np.linalg.norm(M, axis=1)):
-        raise ScanError(f"{label}: projection matrix is singular (no finite X-ray source)")
+    norms = np.linalg.norm(M, axis=1)
+    # A row 1e100 times smaller than the largest entry is no camera either (and overflows once normalised).
+    if not (abs(np.linalg.det(M)) > 1e-12 * np.prod(norms) and norms.min() > 1e-100):
+        raise ScanError(f"{label}: projection matrix is singular or degenerate (no finite X-ray source)")
     return matrix
+
+
+def _unit_scale(matrix: np.ndarray) -> np.ndarray:
+    """The matrix divided by its largest magnitude: the same projection (P is defined up to scale),
+    with entries that no product overflows (a matrix of 1e300 is as valid as one of 1)."""
+    scale = float(np.abs(matrix).max())
+    return matrix / scale if scale > 0 else matrix
 
 
 def _read_view_image(path: Path, label: str) -> np.ndarray:
@@ -284,6 +340,37 @@ def _read_view_image(path: Path, label: str) -> np.ndarray:
     return array
 
 
+def _check_not_negative(image: np.ndarray, label: str, what: str) -> None:
+    """Refuse an image with more negative pixels than noise explains (see :data:`NEGATIVE_TOLERANCE`)."""
+    magnitude = float(np.abs(image).max())
+    fraction = float(np.mean(image < -NEGATIVE_TOLERANCE * magnitude)) if magnitude > 0 else 0.0
+    if fraction > NEGATIVE_FRACTION:
+        raise ScanError(f"{label}: {100 * fraction:.1f} % of the pixels are clearly negative; {what} are >= 0 "
+                        f"(more than {100 * NEGATIVE_FRACTION:g} % below -{NEGATIVE_TOLERANCE:g} x the largest value)")
+
+
+def _check_line_integrals(image: np.ndarray, label: str) -> None:
+    """A view must carry attenuation: not all zero (a blank frame), not negative beyond noise."""
+    if not np.any(image):
+        raise ScanError(f"{label}: image is all zero (no attenuation on any ray: a blank frame or a failed export)")
+    _check_not_negative(image, label, "attenuation line integrals (intensity 'attenuation')")
+
+
+def _check_reference_volume(path: Path, label: str) -> None:
+    """Read the reference's header now (cheap), so a bad one fails before any reconstruction."""
+    if not path.is_file():
+        raise ScanError(f"{label}: file not found")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        raise ScanError(f"{label}: cannot be read as an image") from None
+    if reader.GetDimension() != 3 or reader.GetNumberOfComponents() != 1:
+        raise ScanError(f"{label}: must be a 3D scalar volume, got {reader.GetDimension()}D with "
+                        f"{reader.GetNumberOfComponents()} component(s)")
+
+
 def _read_roi(value, world: str, manifest: Path) -> Roi | None:
     if value is None:
         return None
@@ -292,8 +379,8 @@ def _read_roi(value, world: str, manifest: Path) -> Roi | None:
         raise ScanError(f"{label} must be an object with 'center' and 'size'")
     center = _numeric_matrix([value.get("center")], ((1, 3),), "center", label)[0]
     size = _numeric_matrix([value.get("size")], ((1, 3),), "size", label)[0]
-    if np.any(size <= 0):
-        raise ScanError(f"{label}: 'size' must be positive, got {size.tolist()}")
     if world == "RAS":
         center = LPS_RAS_FLIP[:3, :3] @ center
-    return Roi(tuple(center.tolist()), tuple(size.tolist()))
+    roi = Roi(tuple(center.tolist()), tuple(size.tolist()))
+    check_roi(roi, label)
+    return roi

@@ -19,6 +19,7 @@ import torch
 from skimage.filters import gaussian
 
 from .geometry import Roi, normalize_projection_matrix, view_rays
+from .limits import check_memory, simulation_needs
 from .phantom import hu_to_attenuation
 from .projector import forward_project, sample_volume
 from .scan import write_scan
@@ -152,6 +153,7 @@ def simulate_scan(phantom: Volume, out_dir: str | os.PathLike, n_views: int = 20
     written. The ground truth attenuation on the ROI is written as the reference volume.
     ``progress(done, total)`` is called after each view.
     """
+    check_memory(simulation_needs(n_views, detector_px), device)
     if not np.allclose(np.asarray(phantom.direction, float), np.eye(3), atol=1e-6):
         raise ValueError("simulate_scan needs an axis-aligned phantom (identity direction)")
     if transmission and i0 <= 0:

@@ -90,10 +90,34 @@ def read_json_object(path: str | os.PathLike, missing: str = "file not found",
         raise error(f"{path}: {missing}")
     try:
         value = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as problem:
+    except RecursionError:
+        raise error(f"{path}: not valid JSON (nested too deeply)") from None
+    except ValueError as problem:  # JSONDecodeError, UnicodeDecodeError, an integer of thousands of digits
         raise error(f"{path}: not valid JSON ({problem})") from None
     if not isinstance(value, dict):
         raise error(f"{path}: top level must be a JSON object")
+    return value
+
+
+def json_text(value, indent: int | None = None) -> str:
+    """Strict JSON of ``value``: NaN and infinities become null (undefined), numpy scalars and arrays
+    plain numbers and lists, paths strings; what strict JSON readers accept."""
+    return json.dumps(_finite_json(value), indent=indent, allow_nan=False)
+
+
+def _finite_json(value):
+    if isinstance(value, dict):
+        return {key: _finite_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_json(item) for item in value]
+    if isinstance(value, np.ndarray):
+        return _finite_json(value.tolist())
+    if isinstance(value, (np.floating, np.integer, np.bool_)):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
     return value
 
 
