@@ -94,7 +94,7 @@ def _one_line(err: str) -> str:
 def _demo_over_user_folder(d):
     (d / "thesis").mkdir()
     (d / "thesis" / "notes.txt").write_text("two years of work")
-    return ["demo", "-o", d / "thesis"], ["thesis", "is not an ixgs output", "notes.txt"]
+    return ["demo", "-o", d / "thesis"], [str(d / "thesis"), "is not an ixgs output", "notes.txt"]
 
 
 def _reconstruct_into_its_scan(d):
@@ -133,7 +133,7 @@ def _reconstruct_over_our_output_with_user_files(d, capsys):
     assert main(["reconstruct", str(scan), "-o", str(d / "out"), *FAST]) == 0
     capsys.readouterr()
     (d / "out" / "my_measurements.csv").write_text("1,2,3")
-    return ["reconstruct", scan, "-o", d / "out", *FAST], ["out", "did not write", "my_measurements.csv"]
+    return ["reconstruct", scan, "-o", d / "out", *FAST], [str(d / "out"), "did not write", "my_measurements.csv"]
 
 
 def _reconstruct_over_our_scan(d):

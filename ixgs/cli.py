@@ -28,6 +28,7 @@ EXIT_BUG = 1
 EXIT_BAD_INPUT = 2
 # Set to "stdin" by a parent (the Slicer module) that keeps our stdin open while it lives.
 PARENT_WATCH_ENV = "IXGS_EXIT_WITH_PARENT"
+DEMO_KIND = "demo"  # the output-folder kind of `ixgs demo` (ixgs.output_folder)
 
 
 class _ProgressPrinter:
@@ -198,14 +199,14 @@ def _cmd_evaluate(args) -> int:
 
 def _cmd_demo(args) -> int:
     """Simulate a spine scan, reconstruct it within a few minutes, and write everything to look at."""
+    from .output_folder import output_folder
     from .phantom import default_roi, make_phantom
     from .reconstruct import ReconstructionSettings
-    from .output_folder import output_folder
     from .simulate import simulate_scan
 
     out = Path(args.output)
     started = time.perf_counter()
-    with output_folder(out, "demo") as temporary:
+    with output_folder(out, DEMO_KIND) as temporary:
         print(f"simulating a 20-view spine scan (seed {args.seed}) ...", file=sys.stderr)
         scan_dir = simulate_scan(make_phantom("spine", seed=args.seed), temporary / "scan", n_views=20,
                                  detector_px=128, seed=args.seed, roi=default_roi("spine"))
@@ -386,8 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--phantom", default="helix", metavar="LAYOUT", help="'helix' (default phantom) or a bead layout JSON")
     cal.add_argument("--max-error", type=float, default=1.0, metavar="PX", help="largest RMS reprojection error accepted")
     cal.add_argument("-o", "--output", required=True)
-    cal.set_defaults(run=_cmd_calibrate, output_kind=SCAN_KIND,
-                     read_from=_calibration_inputs)
+    cal.set_defaults(run=_cmd_calibrate, output_kind=SCAN_KIND, read_from=_calibration_inputs)
 
     peer = commands.add_parser("import-peer", help="import an R2-Gaussian scene, NAF/SAX-NeRF pickle or TIGRE folder")
     peer.add_argument("path")
@@ -511,8 +511,8 @@ def main(argv: list[str] | None = None) -> int:
             print("ixgs: cancelled", file=sys.stderr)
             return 128 + getattr(interrupt, "signum", signal.SIGINT)
         except MemoryError:
-            print("ixgs: error: out of memory; use a coarser grid (--voxel-size), fewer --gaussians or a smaller "
-                  "--memory-budget", file=sys.stderr)
+            print("ixgs: error: out of memory; choose smaller settings (reconstruct: a coarser --voxel-size, fewer "
+                  "--gaussians, a smaller --memory-budget)", file=sys.stderr)
             return EXIT_BAD_INPUT
         except Exception as error:
             if not is_bad_input(error):
