@@ -470,8 +470,10 @@ def _cancel_on_signals():
 def _watch_parent() -> None:
     """Started by the Slicer module with stdin a pipe it never writes: its end closes when Slicer
     exits or dies, and the run then cancels itself instead of running on as an orphan."""
+    stdin = sys.stdin.fileno()
+
     def watch():
-        while sys.stdin.buffer.read(65536):
+        while os.read(stdin, 65536):  # unbuffered: no lock that would block the interpreter's exit
             pass
         _thread.interrupt_main(signal.SIGTERM)
 
