@@ -296,6 +296,9 @@ class IXGSReconstructionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             self._finishedRun = run
             with slicer.util.tryWithErrorDisplay(_("Failed to load the reconstruction."), waitCursor=True):
                 result, self._outputFolder = self.logic.loadReconstruction(run.output_path, self._parameterNode)
+                if self._outputFolder != run.output_path:  # kept elsewhere: the run's copy is not needed
+                    run.discard()
+                    self._finishedRun = None
                 self.ui.statusLabel.text = _("Done: {name}").format(name=result.volume_node.GetName())
                 slicer.util.setSliceViewerLayers(background=result.volume_node, fit=True)
         self._updateButtons()
