@@ -226,6 +226,24 @@ def test_sigterm_during_the_write_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_sigterm_while_replacing_our_own_output_keeps_the_old_one(tmp_path):
+    from ixgs.output_folder import output_folder
+
+    with output_folder(tmp_path / "demo", "demo") as temporary:  # an earlier demo output
+        (temporary / "metrics.json").write_text("{}")
+    before = tree_digest(tmp_path)
+    demo = _engine("demo", "-o", tmp_path / "demo", "--device", "cpu")
+    try:
+        _wait_for(lambda: _partial_folders(tmp_path), demo)
+        assert tree_digest(tmp_path / "demo") == {k[5:]: v for k, v in before.items() if k.startswith("demo/")}
+        demo.send_signal(signal.SIGTERM)
+        _, err = demo.communicate(timeout=120)
+    finally:
+        demo.kill()
+    assert demo.returncode == 128 + signal.SIGTERM and "Traceback" not in err
+    assert tree_digest(tmp_path) == before
+
+
 def test_a_killed_runs_partial_folder_and_lock_are_swept_by_the_next_run(tmp_path, capsys):
     scan = user_scan(tmp_path / "scan")
     demo = _engine("demo", "-o", tmp_path / "out", "--device", "cpu")
