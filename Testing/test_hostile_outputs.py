@@ -275,20 +275,20 @@ def test_an_output_left_aside_by_an_interrupted_swap_is_put_back(tmp_path, capsy
     assert leftovers(tmp_path) == []
 
 
-def test_a_concurrent_run_to_the_same_output_is_refused(tmp_path):
+def test_a_concurrent_run_to_the_same_output_is_refused(tmp_path, capsys):
+    """Two processes: a demo writing ``out`` and this one, asked to reconstruct into ``out`` meanwhile."""
     scan = user_scan(tmp_path / "scan")
     first = _engine("demo", "-o", tmp_path / "out", "--device", "cpu")
     try:
         _wait_for(lambda: (tmp_path / ".out.ixgs-lock").exists(), first)
-        second = subprocess.run([sys.executable, "-m", "ixgs", "reconstruct", str(scan), "-o", str(tmp_path / "out"),
-                                 *FAST], capture_output=True, text=True, timeout=120)
+        status, _, err = _run(capsys, ["reconstruct", scan, "-o", tmp_path / "out", *FAST])
         assert first.poll() is None  # the first run was still going
         first.send_signal(signal.SIGTERM)
         first.communicate(timeout=120)
     finally:
         first.kill()
-    line = _one_line(second.stderr)
-    assert second.returncode == 2
+    line = _one_line(err)
+    assert status == 2
     assert str(tmp_path / "out") in line and "another ixgs run is writing it" in line and f"pid {first.pid}" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scan"]
 
