@@ -32,6 +32,7 @@ from slicer import (
 )
 
 from IXGSReconstructionLib.likert import DEFAULT_QUESTION, SCALE
+from IXGSReconstructionLib.options import KERNELS
 
 SAMPLE_CATEGORY = "IXGS"
 
@@ -112,6 +113,8 @@ class IXGSReconstructionParameterNode:
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
     seed: Annotated[int, WithinRange(0, 2147483647)] = 0
     refinePoses: bool = False
+    timeBudgetS: Annotated[float, WithinRange(0.0, 86400.0)] = 0.0  # 0: no budget, the engine's default
+    kernel: Annotated[str, Choice(list(KERNELS))] = "auto"
     outputDirectory: pathlib.Path
     outputVolume: vtkMRMLScalarVolumeNode
     coverageVolume: vtkMRMLScalarVolumeNode
@@ -141,6 +144,8 @@ class IXGSReconstructionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._run = None
+        self._finishedRun = None  # its folder holds the last outputs (report.html) until the next run
+        self._outputFolder = None
         self._likert = None
         self._likertNode = None
 
@@ -180,14 +185,26 @@ class IXGSReconstructionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self.ui.compareButton.connect("clicked(bool)", self.onCompare)
         self.ui.startLikertButton.connect("clicked(bool)", self.onStartLikert)
         self.ui.submitScoreButton.connect("clicked(bool)", self.onSubmitScore)
+        self.ui.openReportButton.connect("clicked(bool)", self.onOpenReport)
+        slicer.app.connect("aboutToQuit()", self._stopRuns)  # no engine process outlives Slicer
         self.ui.cancelButton.enabled = False
+        self.ui.openReportButton.enabled = False
         self.ui.submitScoreButton.enabled = False  # until a scoring session is started
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
-        if self._run is not None and self._run.running:
-            self._run.cancel()
+        self._stopRuns()
         self.removeObservers()
+
+    def _stopRuns(self) -> None:
+        """Cancel a running reconstruction and delete the runs' temporary folders."""
+        self._pollTimer.stop()
+        for run in (self._run, self._finishedRun):
+            if run is not None:
+                if run.running:
+                    run.cancel()
+                run.discard()
+        self._run = self._finishedRun = self._outputFolder = None
 
     def enter(self) -> None:
         self.initializeParameterNode()
@@ -199,6 +216,9 @@ class IXGSReconstructionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
 
     def onSceneStartClose(self, caller, event) -> None:
+        if self._run is not None:
+            self.ui.statusLabel.text = _("Stopped: the scene was closed.")
+        self._stopRuns()  # its results would have no scene and no parameter node to go to
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -225,6 +245,7 @@ class IXGSReconstructionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self.ui.loadScanButton.enabled = hasScan and not running
         self.ui.applyButton.enabled = hasScan and not running
         self.ui.cancelButton.enabled = running
+        self.ui.openReportButton.enabled = not running and self.logic.reportPath(self._outputFolder) is not None
         hasResult = bool(p and p.outputVolume)
         self.ui.boneThresholdSliderWidget.enabled = hasResult
         self.ui.alignPrincipalAxesButton.enabled = hasResult and bool(p.boneSegmentation)
@@ -242,6 +263,7 @@ class IXGSReconstructionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
     def onApply(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to start the reconstruction."), waitCursor=True):
             self.logic.ensureDependencies()
+            self._stopRuns()
             self._run = self.logic.startReconstruction(self._parameterNode)
             self.ui.progressBar.value = 0
             self.ui.statusLabel.text = _("Starting (loading torch)...")
@@ -262,17 +284,21 @@ class IXGSReconstructionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             return
         self._pollTimer.stop()
         self._run = None
+        if self._parameterNode is None:  # the scene went away meanwhile: nothing to load into
+            run.discard()
+            return
         if run.error:
             self.ui.statusLabel.text = _("Stopped: {reason}. The scene is unchanged.").format(reason=run.error)
             if not run.cancelled:
                 slicer.util.errorDisplay(_("Reconstruction failed: {reason}").format(reason=run.error),
                                          detailedText="\n".join(run.log[-50:]))
         else:
+            self._finishedRun = run
             with slicer.util.tryWithErrorDisplay(_("Failed to load the reconstruction."), waitCursor=True):
-                try:
-                    result = self.logic.loadReconstruction(run.output_path, self._parameterNode)
-                finally:
+                result, self._outputFolder = self.logic.loadReconstruction(run.output_path, self._parameterNode)
+                if self._outputFolder != run.output_path:  # kept elsewhere: the run's copy is not needed
                     run.discard()
+                    self._finishedRun = None
                 self.ui.statusLabel.text = _("Done: {name}").format(name=result.volume_node.GetName())
                 slicer.util.setSliceViewerLayers(background=result.volume_node, fit=True)
         self._updateButtons()
@@ -281,6 +307,13 @@ class IXGSReconstructionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         if self._run is not None:
             self._run.cancel()
             self.onPoll()
+
+    def onOpenReport(self) -> None:
+        import qt
+
+        path = self.logic.reportPath(self._outputFolder)
+        if path is not None:
+            qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(str(path)))
 
     # Review
 
@@ -410,11 +443,16 @@ class IXGSReconstructionLogic(ScriptedLoadableModuleLogic):
             method=p.method, preset=p.preset, init=p.init, device=p.device, seed=p.seed,
             refine_poses=p.refinePoses and p.method == "gaussian",  # poses are learned with the Gaussians
             voxel_size_mm=p.voxelSizeMm or None,  # 0 = "auto": the engine's default
+            time_budget_s=p.timeBudgetS or None,  # 0 = no budget: the engine's default
             roi=roi_from_roi_node(p.roi) if p.roi else None,
         )
 
     def startReconstruction(self, p):
         from IXGSReconstructionLib.process import ReconstructionProcess
+        from IXGSReconstructionLib.results import check_keep_destination
+
+        if str(p.outputDirectory) not in ("", "."):
+            check_keep_destination(p.outputDirectory)  # now, not after the run
 
         run = ReconstructionProcess.for_scan(p.scanPath, self.settings(p), python_executable=sys.executable,
                                              output_root=pathlib.Path(slicer.app.temporaryPath))
@@ -423,16 +461,28 @@ class IXGSReconstructionLogic(ScriptedLoadableModuleLogic):
         return run
 
     def loadReconstruction(self, outputPath, p):
+        """Load the run's outputs into the scene and keep their files where the user asked; returns
+        the result and the folder the files are in."""
         from IXGSReconstructionLib.results import keep_outputs, load_results
 
         result = load_results(outputPath, name=f"{pathlib.Path(p.scanPath).name} IXGS")
-        if str(p.outputDirectory) not in ("", "."):
-            keep_outputs(outputPath, p.outputDirectory)
         p.outputVolume = result.volume_node
         p.coverageVolume = result.coverage_node
         p.boneSegmentation = result.segmentation_node
         p.boneThreshold = result.bone_threshold
-        return result
+        folder = pathlib.Path(outputPath)
+        if str(p.outputDirectory) not in ("", "."):
+            folder = keep_outputs(outputPath, p.outputDirectory)
+        return result, folder
+
+    @staticmethod
+    def reportPath(outputFolder):
+        """The run's report.html, or None (no run yet, or the engine wrote none)."""
+        if outputFolder is None:  # no run yet: the engine (torch) may not even be installed
+            return None
+        from IXGSReconstructionLib.results import report_path
+
+        return report_path(outputFolder)
 
     def updateBone(self, volumeNode, threshold, segmentationNode):
         from IXGSReconstructionLib.nodes import bone_segmentation, show_volume_rendering

@@ -58,7 +58,7 @@ def test_reconstruct_refuses_foreign_output_folder(tmp_path, tiny_scan, capsys):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "thesis.tex").write_text("precious")
     status, _, err = _run(capsys, "reconstruct", str(tiny_scan), "-o", str(tmp_path / "out"), "--method", "sart")
-    assert status == 2 and "not an IXGS output folder" in err
+    assert status == 2 and "is not an ixgs output" in err and "thesis.tex" in err
     assert (tmp_path / "out" / "thesis.tex").read_text() == "precious"
 
 

@@ -60,7 +60,7 @@ def test_write_outputs_folder(ring_scan, tmp_path):
     report = write_outputs(out, ring_scan, volume, {"elapsed_s": 1.0}, loss_curve=[(0, 1.0), (1, 0.5), (2, 0.2)],
                            reprojections={0: ring_scan.views[0].image, 3: ring_scan.views[3].image})
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["bone.nrrd", "coverage.nrrd", "previews", "report.json", "volume.nrrd"]
+    assert names == [".ixgs-output", "bone.nrrd", "coverage.nrrd", "previews", "report.json", "volume.nrrd"]
     written = sitk.ReadImage(str(out / "volume.nrrd"))
     assert written.GetOrigin() == pytest.approx(volume.origin) and written.GetSpacing() == pytest.approx(volume.spacing)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(written), volume.array)
@@ -75,6 +75,11 @@ def test_write_outputs_folder(ring_scan, tmp_path):
 
 def test_write_outputs_refuses_foreign_folder(ring_scan, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(ValueError, match="not an IXGS output folder"):
+    with pytest.raises(ValueError, match="contains the input"):
         write_outputs(tmp_path, ring_scan, _volume(), {})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "scan"]
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "report.json").write_text("{}")  # not our marker: could be anyone's
+    with pytest.raises(ValueError, match="is not an ixgs output .*report.json"):
+        write_outputs(tmp_path / "other", ring_scan, _volume(), {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "other", "scan"]
+    assert [p.name for p in (tmp_path / "other").iterdir()] == ["report.json"]

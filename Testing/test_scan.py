@@ -9,6 +9,7 @@ import SimpleITK as sitk
 from conftest import ring_of_matrices
 
 from ixgs.geometry import Roi, project_points, source_position
+from ixgs.output_folder import OutputError
 from ixgs.scan import ScanError, decompose_projection_matrix, read_scan, write_scan
 from ixgs.volume import Volume
 
@@ -179,7 +180,7 @@ def test_failed_write_leaves_nothing(tmp_path, small_roi):
 
 def test_write_refuses_to_overwrite_other_folders(tmp_path, small_roi):
     (tmp_path / "precious.txt").write_text("keep me")
-    with pytest.raises(ScanError, match="not a scan folder"):
+    with pytest.raises(OutputError, match=r"is not an ixgs output \(no \.ixgs-output marker; it holds precious\.txt"):
         write_scan(tmp_path, _images(2), ring_of_matrices(2), roi=small_roi)
     assert (tmp_path / "precious.txt").read_text() == "keep me"
     write_scan(tmp_path / "scan", _images(2), ring_of_matrices(2), roi=small_roi)

@@ -5,6 +5,8 @@ tests; a run of the real CLI is added when ``python -m ixgs`` is available).
 """
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import textwrap
 import time
@@ -22,7 +24,7 @@ from IXGSReconstructionLib.process import (  # noqa: E402
     format_progress,
     parse_progress,
 )
-from ixgs.cli import _settings_from, build_parser, settings_arguments  # noqa: E402
+from ixgs.cli import PARENT_WATCH_ENV, _settings_from, build_parser, settings_arguments  # noqa: E402
 from ixgs.geometry import Roi  # noqa: E402
 
 CONTRACT_SCRIPT = textwrap.dedent('''
@@ -162,3 +164,90 @@ def test_real_engine_cli_runs_in_the_background(tmp_path, small_roi):
         np.testing.assert_allclose((ijk_to_ras @ [*index, 1.0])[:3], LPS_RAS_FLIP[:3, :3] @ lps, atol=1e-6)
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(result.volume_node), sitk.GetArrayFromImage(image))
     run.discard()
+
+
+PARENT_SCRIPT = textwrap.dedent('''
+    import sys, time
+    sys.path.insert(0, sys.argv[3])
+    from IXGSReconstructionLib.process import ReconstructionProcess, ReconstructionSettings
+    settings = ReconstructionSettings(method="gaussian", preset="fast", device="cpu", voxel_size_mm=6.0,
+                                      iterations=10 ** 6, stop_on_plateau=False)
+    run = ReconstructionProcess.for_scan(sys.argv[1], settings, output_root=sys.argv[2])
+    run.start()
+    print(run.pid, flush=True)
+    time.sleep(600)
+''')
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for its reaper is not)."""
+    stat = Path(f"/proc/{pid}/stat")
+    if stat.parent.parent.is_dir() and Path("/proc/self").exists():
+        return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(os.name == "nt", reason="SIGKILL of the parent")
+def test_the_engine_does_not_outlive_a_killed_slicer(tmp_path, small_roi):
+    """Slicer killed mid-run: its end of the engine's stdin closes, and the engine cancels itself and
+    cleans up instead of running on as an orphan."""
+    from conftest import ring_of_matrices
+    from ixgs.scan import write_scan
+
+    images = [np.random.default_rng(k).random((24, 24), dtype=np.float32) for k in range(4)]
+    scan = write_scan(tmp_path / "scan", images, ring_of_matrices(4, shape=(24, 24)), roi=small_roi)
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    lib = Path(__file__).resolve().parents[1] / "IXGSReconstruction"
+    slicer_process = subprocess.Popen([sys.executable, "-c", PARENT_SCRIPT, str(scan), str(runs), str(lib)],
+                                      stdout=subprocess.PIPE, text=True)
+    try:
+        engine = int(slicer_process.stdout.readline())
+        deadline = time.monotonic() + 120
+        while not list(runs.glob("ixgs-run-*/.out.ixgs-lock")):  # the engine holds its output: it runs
+            assert _alive(engine) and time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        slicer_process.kill()
+        slicer_process.wait()
+    deadline = time.monotonic() + 60
+    while _alive(engine):
+        assert time.monotonic() < deadline, "the engine outlived its parent"
+        time.sleep(0.1)
+    [run_folder] = runs.iterdir()
+    assert list(run_folder.iterdir()) == []  # no lock, no partial output left
+
+
+def test_runs_started_for_a_scan_watch_their_parent(tmp_path, small_roi):
+    run = ReconstructionProcess.for_scan(Path(__file__).parent / "nowhere.json", ReconstructionSettings())
+    assert run.environment[PARENT_WATCH_ENV] == "stdin"
+
+
+def test_the_engine_cancels_itself_when_its_stdin_closes_even_when_silent(tmp_path, small_roi):
+    """The watch itself: no progress is printed (so no broken stdout pipe would stop the run)."""
+    from conftest import ring_of_matrices
+    from ixgs.scan import write_scan
+
+    images = [np.random.default_rng(k).random((24, 24), dtype=np.float32) for k in range(4)]
+    scan = write_scan(tmp_path / "scan", images, ring_of_matrices(4, shape=(24, 24)), roi=small_roi)
+    with open(tmp_path / "log.txt", "w") as log:
+        engine = subprocess.Popen([sys.executable, "-m", "ixgs", "reconstruct", str(scan), "-o", str(tmp_path / "out"),
+                                   "--preset", "fast", "--device", "cpu", "--voxel-size", "6", "--iterations",
+                                   "1000000", "--no-plateau-stop", "--progress", "none"],
+                                  stdin=subprocess.PIPE, stdout=log, stderr=log,
+                                  env={**os.environ, PARENT_WATCH_ENV: "stdin"})
+        try:
+            deadline = time.monotonic() + 120
+            while not (tmp_path / ".out.ixgs-lock").exists():
+                assert engine.poll() is None and time.monotonic() < deadline
+                time.sleep(0.05)
+            engine.stdin.close()  # what the parent's death does
+            assert engine.wait(timeout=60) == 128 + 15
+        finally:
+            engine.kill()
+    assert (tmp_path / "log.txt").read_text().strip().splitlines()[-1] == "ixgs: cancelled"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.txt", "scan"]

@@ -149,6 +149,32 @@ def test_load_results_otsu_default_and_all_or_nothing(tmp_path, scene):
     assert scene.GetNumberOfNodes() == before
 
 
+def test_kept_outputs_are_complete_atomic_and_never_replace_a_users_folder(tmp_path):
+    """keep_outputs follows the engine's output-folder policy: previews included, our marker written,
+    an earlier kept output replaced, a user's folder refused untouched (and refused before a run)."""
+    run = _write_outputs(tmp_path / "run", _phantom(), {"bone_threshold": 0.035})
+    (run / "previews").mkdir()
+    (run / "previews" / "slices.png").write_bytes(b"png")
+    (run / "report.html").write_text("<html></html>")
+    kept = results.keep_outputs(run, tmp_path / "kept")
+    names = sorted(p.relative_to(kept).as_posix() for p in kept.rglob("*"))
+    assert names == [".ixgs-output", "bone.nrrd", "coverage.nrrd", "previews", "previews/slices.png", "report.html",
+                     "report.json", "volume.nrrd"]
+    assert results.report_path(kept) == kept / "report.html" and results.report_path(run / "previews") is None
+    (run / "report.json").write_text(json.dumps({"bone_threshold": 0.04}))
+    results.keep_outputs(run, kept)  # an earlier kept output is ours: replaced
+    assert json.loads((kept / "report.json").read_text()) == {"bone_threshold": 0.04}
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="mine: exists and is not an ixgs output .*notes.txt"):
+        results.check_keep_destination(mine)
+    with pytest.raises(ValueError, match="notes.txt"):
+        results.keep_outputs(run, mine)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept", "mine", "run"]  # nothing half-written
+
+
 def test_align_to_anatomy_principal_axes_and_landmarks():
     shape = (40, 40, 40)
     k, j, i = np.indices(shape).astype(float) - 19.5

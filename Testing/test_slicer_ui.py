@@ -101,3 +101,23 @@ def test_parameter_choices_match_the_logic():
                            ("init", reconstruct.INITS), ("device", reconstruct.DEVICES)):
         choice = re.search(rf"^\s+{field}: Annotated\[str, Choice\((\[.*?\])\)\]", code, flags=re.M)
         assert choice and tuple(ast.literal_eval(choice.group(1))) == options, field
+
+
+def test_time_budget_and_kernel_choices_match_the_engine():
+    """The time budget's default is the engine's (0 stands for none); the kernel combo offers the
+    module's KERNELS (checked against the engine once it has the setting)."""
+    pytest.importorskip("slicer", reason="needs PyPI slicer-core (pip install slicer-core)")
+    import sys
+
+    from ixgs import reconstruct
+
+    sys.path.insert(0, str(ROOT / "IXGSReconstruction"))
+    from IXGSReconstructionLib.options import KERNELS
+
+    code = (ROOT / "IXGSReconstruction" / "IXGSReconstruction.py").read_text()
+    budget = re.search(r"^\s+timeBudgetS: Annotated\[float, WithinRange\(0\.0, [\d.]+\)\] = ([\d.]+)", code, flags=re.M)
+    assert budget and float(budget.group(1)) == 0.0 and reconstruct.ReconstructionSettings().time_budget_s is None
+    assert re.search(r'^\s+kernel: Annotated\[str, Choice\(list\(KERNELS\)\)\] = "auto"', code, flags=re.M)
+    assert KERNELS[0] == "auto" and len(set(KERNELS)) == len(KERNELS)
+    if hasattr(reconstruct, "KERNELS"):  # the engine's setting (added by another branch of this wave)
+        assert tuple(reconstruct.KERNELS) == KERNELS

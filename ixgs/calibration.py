@@ -32,7 +32,7 @@ from skimage.morphology import disk, white_tophat
 
 from .geometry import Roi, compose_projection_matrix, normalize_projection_matrix, project_points, view_rays
 from .scan import decompose_projection_matrix, read_scan, write_scan
-from .volume import atomic_path, json_text, read_json_object
+from .volume import json_text, read_json_object
 
 LAYOUT_FORMAT = "ixgs.bead_layout"
 MIN_BEADS = 8  # beads needed to solve 11 unknowns with redundancy against one wrong pair
@@ -72,6 +72,11 @@ def helix_layout(n_beads: int = 24, radius_mm: float = 40.0, height_mm: float = 
     angle = 2 * np.pi * turns * t
     positions = np.stack([radius_mm * np.cos(angle), radius_mm * np.sin(angle), height_mm * (t - 0.5)], axis=1)
     return BeadLayout(positions, float(diameter_mm), "helix")
+
+
+def layout_source(spec: str | os.PathLike) -> Path | None:
+    """The file a layout is read from (None for the built-in helix)."""
+    return None if str(spec) == "helix" else Path(spec)
 
 
 def load_layout(spec: str | os.PathLike) -> BeadLayout:
@@ -263,9 +268,8 @@ def calibrate_scan(images: str | os.PathLike, layout_spec: str | os.PathLike, ou
     report = {"layout": layout.to_dict(), "max_rms_px": max_rms_px,
               "views": [{"image": name, **result.to_dict()} for (_, _, name), result in zip(views, results)]}
     path = write_scan(out_scan, [image for image, _, _ in views], [r.projection_matrix for r in results],
-                      roi=layout.roi)
-    with atomic_path(Path(path) / "calibration.json") as temporary:
-        temporary.write_text(json_text(report, indent=1))
+                      roi=layout.roi, inputs=[images, layout_source(layout_spec)],
+                      extra_files={"calibration.json": json_text(report, indent=1)})
     return Path(path), report
 
 

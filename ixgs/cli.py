@@ -1,15 +1,23 @@
 """The ``ixgs`` command line: parses arguments and calls the engine, nothing more.
 
-Bad input ends with a one-line ``ixgs: error: ...`` on stderr and exit status 2; nothing is left
-half-written (every output is written to a temporary path and renamed).
+Bad input ends with a one-line ``ixgs: error: ...`` on stderr and exit status 2; an internal error
+(a bug) with exit status 1, one line and the traceback in a log file. Nothing is left half-written:
+output folders follow :mod:`ixgs.output_folder`, and SIGTERM cleans up like Ctrl-C.
 """
 from __future__ import annotations
 
+import _thread
 import argparse
+import contextlib
 import json
 import math
+import os
+import signal
 import sys
+import tempfile
+import threading
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +25,11 @@ from tqdm import tqdm
 
 from . import __version__
 
+EXIT_BUG = 1
 EXIT_BAD_INPUT = 2
-EXIT_CANCELLED = 130
+# Set to "stdin" by a parent (the Slicer module) that keeps our stdin open while it lives.
+PARENT_WATCH_ENV = "IXGS_EXIT_WITH_PARENT"
+DEMO_KIND = "demo"  # the output-folder kind of `ixgs demo` (ixgs.output_folder)
 
 
 class _ProgressPrinter:
@@ -98,12 +109,20 @@ def _roi_argument(values):
 def reconstruct_to_folder(scan_path: Path, out_dir: Path, settings, bone_threshold: float | None,
                           progress_mode: str) -> dict:
     """Read a scan, reconstruct it and write the output folder; returns the report."""
-    from .outputs import OUTPUT_MARKER, write_outputs
+    from .output_folder import reserve
+    from .outputs import KIND
+
+    # Before minutes of work: the output may be written, and no other run writes it meanwhile.
+    with reserve(out_dir, KIND, [scan_path, settings.checkpoint, settings.resume]):
+        return _reconstruct_to_reserved_folder(scan_path, out_dir, settings, bone_threshold, progress_mode)
+
+
+def _reconstruct_to_reserved_folder(scan_path: Path, out_dir: Path, settings, bone_threshold: float | None,
+                                    progress_mode: str) -> dict:
+    from .outputs import write_outputs
     from .reconstruct import reconstruct
     from .scan import read_scan
-    from .volume import check_replaceable
 
-    check_replaceable(out_dir, OUTPUT_MARKER, "an IXGS output folder")  # before minutes of work
     scan = read_scan(scan_path)
     _print_warnings(scan.warnings)
     printer = _ProgressPrinter(progress_mode)
@@ -225,15 +244,14 @@ def _cmd_evaluate(args) -> int:
 def _cmd_demo(args) -> int:
     """Simulate a spine scan, reconstruct it within a few minutes, and write everything to look at."""
     from .volume import json_text
+    from .output_folder import output_folder
     from .phantom import default_roi, make_phantom
     from .reconstruct import ReconstructionSettings
     from .simulate import simulate_scan
-    from .volume import atomic_path
 
     out = Path(args.output)
     started = time.perf_counter()
-    with atomic_path(out) as temporary:
-        temporary.mkdir()
+    with output_folder(out, DEMO_KIND) as temporary:
         print(f"simulating a 20-view spine scan (seed {args.seed}) ...", file=sys.stderr)
         scan_dir = simulate_scan(make_phantom("spine", seed=args.seed), temporary / "scan", n_views=20,
                                  detector_px=128, seed=args.seed, roi=default_roi("spine"))
@@ -320,8 +338,30 @@ def _cmd_standardize(args) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _reserved_output(args):
+    """For a command that writes a folder (``output_kind`` set by the parser): check ``-o`` and hold
+    its lock before any work (ixgs.output_folder), so a refusal comes first, not after the work."""
+    if getattr(args, "output_kind", None) is None:
+        yield
+        return
+    from .output_folder import reserve
+
+    with reserve(args.output, args.output_kind, args.read_from(args)):
+        yield
+
+
+def _calibration_inputs(args) -> list:
+    from .calibration import layout_source
+
+    return [args.images, layout_source(args.phantom)]
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .peers import SCENE_KIND
     from .reconstruct import DEVICES, INITS, METHODS, PRESETS, ReconstructionSettings
+    from .scan import KIND as SCAN_KIND
+    from .standardize.pairs_data import KIND as PAIRS_KIND
 
     defaults = ReconstructionSettings()
     parser = argparse.ArgumentParser(prog="ixgs", description=__doc__.splitlines()[0])
@@ -343,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--transmission", action="store_true", help="raw detector counts with Poisson noise")
     simulate.add_argument("--progress", choices=("bar", "none"), default="bar")
     simulate.add_argument("-o", "--output", required=True)
-    simulate.set_defaults(run=_cmd_simulate)
+    simulate.set_defaults(run=_cmd_simulate, output_kind=SCAN_KIND, read_from=lambda a: [])
 
     rec = commands.add_parser("reconstruct", help="reconstruct a scan into volume, bone label and coverage")
     rec.add_argument("scan")
@@ -387,25 +427,25 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--assume-sid", type=positive_float, metavar="MM", help="source-detector distance for files without it")
     imp.add_argument("--assume-sod", type=positive_float, metavar="MM", help="source-isocentre distance for files without it")
     imp.add_argument("--assume-pixel-spacing", type=positive_float, metavar="MM", help="detector pixel size for files without it")
-    imp.set_defaults(run=_cmd_import_dicom)
+    imp.set_defaults(run=_cmd_import_dicom, output_kind=SCAN_KIND, read_from=lambda a: [a.folder])
 
     cal = commands.add_parser("calibrate", help="calibrate each view's geometry from images of a bead phantom")
     cal.add_argument("images", help="scan folder or DICOM folder of phantom images (their geometry is the starting guess)")
     cal.add_argument("--phantom", default="helix", metavar="LAYOUT", help="'helix' (default phantom) or a bead layout JSON")
     cal.add_argument("--max-error", type=positive_float, default=1.0, metavar="PX", help="largest RMS reprojection error accepted")
     cal.add_argument("-o", "--output", required=True)
-    cal.set_defaults(run=_cmd_calibrate)
+    cal.set_defaults(run=_cmd_calibrate, output_kind=SCAN_KIND, read_from=_calibration_inputs)
 
     peer = commands.add_parser("import-peer", help="import an R2-Gaussian scene, NAF/SAX-NeRF pickle or TIGRE folder")
     peer.add_argument("path")
     peer.add_argument("-o", "--output", required=True)
     peer.add_argument("--format", choices=("r2gaussian", "naf", "tigre"), required=True)
-    peer.set_defaults(run=_cmd_import_peer)
+    peer.set_defaults(run=_cmd_import_peer, output_kind=SCAN_KIND, read_from=lambda a: [a.path])
 
     exp = commands.add_parser("export-r2gaussian", help="write a scan as an R2-Gaussian scene")
     exp.add_argument("scan")
     exp.add_argument("-o", "--output", required=True)
-    exp.set_defaults(run=_cmd_export_r2gaussian)
+    exp.set_defaults(run=_cmd_export_r2gaussian, output_kind=SCENE_KIND, read_from=lambda a: [a.scan])
     data = commands.add_parser("make-standardization-data",
                                help="paired (realistic X-ray, bone-enhanced DRR) images to train the standardizer")
     data.add_argument("-o", "--output", required=True, help="output folder (manifest.json, inputs/, targets/)")
@@ -415,7 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--scan", help="a site's own pairs: the real views of this scan ...")
     data.add_argument("--ct", help="... with DRRs of this registered CT (HU, same LPS frame, axis-aligned)")
     data.add_argument("--progress", choices=("bar", "none"), default="bar")
-    data.set_defaults(run=_cmd_make_standardization_data)
+    data.set_defaults(run=_cmd_make_standardization_data, output_kind=PAIRS_KIND,
+                      read_from=lambda a: [a.scan, a.ct])
 
     train = commands.add_parser("train-standardizer", help="train the pix2pix standardizer on a pairs folder")
     train.add_argument("data", help="folder written by make-standardization-data (or a site's pairs)")
@@ -438,22 +479,96 @@ def build_parser() -> argparse.ArgumentParser:
     std.add_argument("--method", choices=("pix2pix", "classical"), default="pix2pix")
     std.add_argument("--weights", help="pix2pix weights (default: Resources/Weights/pix2pix_standardizer.pt)")
     std.add_argument("--device", choices=DEVICES, default=defaults.device)
-    std.set_defaults(run=_cmd_standardize)
+    std.set_defaults(run=_cmd_standardize, output_kind=SCAN_KIND, read_from=lambda a: [a.scan, a.weights])
     return parser
 
 
+class Cancelled(KeyboardInterrupt):
+    """SIGINT or SIGTERM: unwinds like Ctrl-C, so every temporary output is removed on the way out."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _cancel_on_signals():
+    """SIGTERM takes the same path as SIGINT; further signals wait until the cleanup is done."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signums = [signal.SIGINT, signal.SIGTERM]
+    previous = {signum: signal.getsignal(signum) for signum in signums}
+
+    def cancel(signum, frame):
+        for other in signums:
+            signal.signal(other, signal.SIG_IGN)
+        raise Cancelled(signum)
+
+    for signum in signums:
+        signal.signal(signum, cancel)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _watch_parent() -> None:
+    """Started by the Slicer module with stdin a pipe it never writes: its end closes when Slicer
+    exits or dies, and the run then cancels itself instead of running on as an orphan."""
+    stdin = sys.stdin.fileno()
+
+    def watch():
+        while os.read(stdin, 65536):  # unbuffered: no lock that would block the interpreter's exit
+            pass
+        _thread.interrupt_main(signal.SIGTERM)
+
+    threading.Thread(target=watch, name="ixgs-parent-watch", daemon=True).start()
+
+
+def _report_bug(error: BaseException, argv: list[str]) -> int:
+    """One line on stderr, the traceback in a log file (its path printed)."""
+    message = " ".join(str(error).split()) or "no message"
+    log = Path(tempfile.gettempdir()) / f"ixgs-error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    try:
+        log.write_text(f"ixgs {__version__}\nixgs {' '.join(argv)}\n\n"
+                       + "".join(traceback.format_exception(type(error), error, error.__traceback__)))
+        where = f"traceback in {log}"
+    except OSError as problem:
+        where = f"the traceback could not be written to {log} ({problem.strerror})"
+    print(f"ixgs: internal error, a bug in ixgs ({type(error).__name__}: {message}); {where}; please report it",
+          file=sys.stderr)
+    return EXIT_BUG
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit status 0 done, 2 bad input (one line naming the file, field or option), 1 a bug in ixgs
+    (one line, the traceback in a log file), 128 + signal number when cancelled (SIGINT, SIGTERM)."""
+    from .errors import is_bad_input
+
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return args.run(args)
-    except KeyboardInterrupt:
-        print("ixgs: cancelled", file=sys.stderr)
-        return EXIT_CANCELLED
-    except (ValueError, OSError) as error:
-        message = " ".join(str(error).split()) or type(error).__name__
-        print(f"ixgs: error: {message}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    with _cancel_on_signals():
+        if os.environ.get(PARENT_WATCH_ENV) == "stdin":
+            _watch_parent()
+        try:
+            with _reserved_output(args):
+                return args.run(args)
+        except KeyboardInterrupt as interrupt:
+            print("ixgs: cancelled", file=sys.stderr)
+            return 128 + getattr(interrupt, "signum", signal.SIGINT)
+        except MemoryError:
+            print("ixgs: error: out of memory; choose smaller settings (reconstruct: a coarser --voxel-size, fewer "
+                  "--gaussians, a smaller --memory-budget)", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        except Exception as error:
+            if not is_bad_input(error):
+                return _report_bug(error, argv)
+            message = " ".join(str(error).split()) or type(error).__name__
+            print(f"ixgs: error: {message}", file=sys.stderr)
+            return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

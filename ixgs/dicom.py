@@ -64,7 +64,8 @@ def import_dicom(folder: str | os.PathLike, out_scan: str | os.PathLike, *, assu
                              assume_pixel_spacing_mm=assume_pixel_spacing_mm)
     if len(views) < 2:
         raise ValueError(f"{folder}: a scan needs at least 2 views, found {len(views)} DICOM frame(s)")
-    return write_scan(out_scan, [view.image for view in views], [view.projection_matrix for view in views])
+    return write_scan(out_scan, [view.image for view in views], [view.projection_matrix for view in views],
+                      inputs=[folder])
 
 
 def read_dicom_views(folder: str | os.PathLike, *, assume_sid_mm: float | None = None,

@@ -1,8 +1,8 @@
 """What a reconstruction leaves on disk: volume, bone label, coverage, report, previews.
 
-One output folder, written atomically: ``volume.nrrd`` (float32, 1/mm, LPS), ``bone.nrrd``
-(uint8 label, 1 = bone), ``coverage.nrrd`` (uint8: how many views see each voxel),
-``report.json`` and ``previews/*.png``.
+One output folder, written atomically by :mod:`ixgs.output_folder`: ``volume.nrrd`` (float32, 1/mm,
+LPS), ``bone.nrrd`` (uint8 label, 1 = bone), ``coverage.nrrd`` (uint8: how many views see each
+voxel), ``report.json`` and ``previews/*.png``.
 """
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ from skimage.draw import line as draw_line
 from .geometry import Grid, normalize_projection_matrix, sees
 from .metrics import evaluate, otsu_threshold
 from .scan import Scan
-from .volume import Volume, atomic_path, check_replaceable, json_text, write_image
+from .output_folder import output_folder
+from .volume import Volume, json_text, write_image
 
-OUTPUT_MARKER = "report.json"
+KIND = "reconstruction"  # the output-folder kind (ixgs.output_folder)
 
 
 def bone_label(volume: Volume, threshold: float | None = None) -> tuple[Volume, float]:
@@ -73,7 +74,6 @@ def write_outputs(out_dir: str | os.PathLike, scan: Scan, volume: Volume, report
     coverage summary and, when the scan has a reference volume, the 3D metrics.
     """
     out_dir = Path(out_dir)
-    check_replaceable(out_dir, OUTPUT_MARKER, "an IXGS output folder")
     bone, threshold = bone_label(volume, bone_threshold)
     coverage = coverage_map(scan, volume.grid)
     report = dict(report)
@@ -82,8 +82,7 @@ def write_outputs(out_dir: str | os.PathLike, scan: Scan, volume: Volume, report
     report["loss_curve"] = [[int(i), float(loss)] for i, loss in (loss_curve or [])]
     if scan.reference_volume is not None:
         report["metrics"] = evaluate(volume, Volume.read(scan.reference_volume))
-    with atomic_path(out_dir) as temporary:
-        temporary.mkdir()
+    with output_folder(out_dir, KIND, [scan.path]) as temporary:
         volume.write(temporary / "volume.nrrd")
         bone.write(temporary / "bone.nrrd")
         coverage.write(temporary / "coverage.nrrd")

@@ -24,11 +24,13 @@ import numpy as np
 
 from .dicom import pixel_axes_matrix
 from .geometry import Grid, closest_point_to_lines, compose_projection_matrix, normalize_projection_matrix
+from .output_folder import output_folder
 from .scan import Scan, decompose_projection_matrix, path_inside, read_scan, write_scan
-from .volume import Volume, atomic_path, check_replaceable, json_text, read_json_object
+from .volume import Volume, json_text, read_json_object
 
 FORMATS = ("r2gaussian", "naf", "tigre")
 METRE_MM = 1000.0
+SCENE_KIND = "r2gaussian-scene"  # the output-folder kind of an exported scene (ixgs.output_folder)
 # Relative tolerance for a scan's matrices to count as one circular orbit when exporting.
 ORBIT_TOLERANCE = 1e-6
 # Image flips tried when exporting (signed permutations of centred pixel axes): a C-arm's images are
@@ -82,7 +84,7 @@ def import_peer(path: str | os.PathLike, out_scan: str | os.PathLike, peer_forma
     if peer_format not in readers:
         raise ValueError(f"--format must be one of {FORMATS}, got {peer_format!r}")
     images, matrices, roi, reference = readers[peer_format](path, **options)
-    return write_scan(out_scan, images, matrices, roi=roi, reference=reference)
+    return write_scan(out_scan, images, matrices, roi=roi, reference=reference, inputs=[path])
 
 
 def read_r2gaussian(folder: str | os.PathLike, unit_mm: float | None = None, isocenter_mm=None):
@@ -216,7 +218,6 @@ def export_r2gaussian(scan_path: str | os.PathLike, out_dir: str | os.PathLike, 
     scan = read_scan(scan_path)
     geometry, angles, isocenter, flip = fit_circular_orbit(scan)
     out_dir = Path(out_dir)
-    check_replaceable(out_dir, "meta_data.json", "an R2-Gaussian scene")
     reference = Volume.read(scan.reference_volume) if scan.reference_volume else None
     if reference is not None and not np.allclose(np.asarray(reference.direction, float), np.eye(3), atol=1e-6):
         raise ValueError(f"{scan.reference_volume}: the reference volume must be axis-aligned for R2-Gaussian")
@@ -235,8 +236,8 @@ def export_r2gaussian(scan_path: str | os.PathLike, out_dir: str | os.PathLike, 
         "accuracy": 0.5, "totalAngle": float(np.degrees(np.ptp(angles))), "startAngle": float(np.degrees(angles[0])),
         "noise": False,
     }
-    with atomic_path(out_dir) as temporary:
-        (temporary / "proj_train").mkdir(parents=True)
+    with output_folder(out_dir, SCENE_KIND, [scan_path]) as temporary:
+        (temporary / "proj_train").mkdir()
         entries = []
         for index, (view, angle) in enumerate(zip(scan.views, angles)):
             name = f"proj_train/proj_train_{index:04d}.npy"

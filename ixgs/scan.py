@@ -23,10 +23,13 @@ from .geometry import (
     source_position,
     views_seeing,
 )
-from .volume import Volume, atomic_path, check_replaceable, json_text, read_json_object
+from .errors import InputError
+from .output_folder import output_folder
+from .volume import Volume, json_text, read_json_object
 
 FORMAT = "ixgs.scan"
 VERSION = 1
+KIND = "scan"  # the output-folder kind of a scan written by ixgs (ixgs.output_folder)
 WORLDS = ("LPS", "RAS")
 INTENSITIES = ("attenuation", "transmission")
 # Fraction of the brightest pixels that estimate the unattenuated intensity I0 of a transmission view.
@@ -41,7 +44,7 @@ MAX_WORLD_MM = 1e6
 ROI_SAMPLES = 16
 
 
-class ScanError(ValueError):
+class ScanError(InputError):
     """A scan that cannot be used; the message names the file, view or field."""
 
 
@@ -201,12 +204,15 @@ def write_scan(
     reference: Volume | None = None,
     world: str = "LPS",
     matrix_form: str = "projection_matrix",
+    inputs=(),
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
     """Write a scan folder atomically; ``projection_matrices`` and ``roi`` are LPS.
 
     ``world`` chooses the frame written to the file; ``matrix_form`` is ``"projection_matrix"`` or
-    ``"intrinsics"`` (K and [R|t] from an RQ decomposition). An existing scan folder is replaced only
-    once the new one is complete; any other existing non-empty folder is refused.
+    ``"intrinsics"`` (K and [R|t] from an RQ decomposition); ``extra_files`` (name -> text) go in the
+    same folder. Replacement follows :mod:`ixgs.output_folder`: only an earlier scan output of ours,
+    never one of ``inputs`` (the paths the caller read) or a folder containing them.
     """
     path = Path(path)
     if world not in WORLDS:
@@ -215,11 +221,10 @@ def write_scan(
         raise ScanError(f"intensity must be one of {INTENSITIES}, got {intensity!r}")
     if len(images) != len(projection_matrices):
         raise ScanError(f"{len(images)} images but {len(projection_matrices)} projection matrices")
-    check_replaceable(path, "scan.json", "a scan folder", ScanError)
     to_file = LPS_RAS_FLIP if world == "RAS" else np.eye(4)  # the flip is its own inverse
     views = []
-    with atomic_path(path) as temporary:
-        (temporary / "views").mkdir(parents=True)
+    with output_folder(path, KIND, inputs) as temporary:
+        (temporary / "views").mkdir()
         for index, (image, matrix) in enumerate(zip(images, projection_matrices)):
             name = f"views/{index:03d}.nrrd"
             image = np.asarray(image, dtype=np.float32)
@@ -238,6 +243,8 @@ def write_scan(
             reference.write(temporary / "reference.nrrd")
             meta["reference_volume"] = "reference.nrrd"
         (temporary / "scan.json").write_text(json_text(meta, indent=1))
+        for name, text in (extra_files or {}).items():
+            (temporary / name).write_text(text)
     return path
 
 

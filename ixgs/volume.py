@@ -1,7 +1,7 @@
 """A 3D image with its LPS geometry, and atomic file writing.
 
-Every file the engine writes goes through :func:`atomic_path` so a crash or a refusal never
-leaves a half-written file behind.
+Every single file the engine writes goes through :func:`atomic_path` so a crash or a refusal never
+leaves a half-written file behind; folders go through :mod:`ixgs.output_folder`.
 """
 from __future__ import annotations
 
@@ -121,18 +121,12 @@ def _finite_json(value):
     return value
 
 
-def check_replaceable(path: str | os.PathLike, marker: str, what: str, error: type[Exception] = ValueError) -> None:
-    """Refuse to replace an existing non-empty folder unless it holds ``marker`` (an earlier output of ours)."""
-    path = Path(path)
-    if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / marker).is_file())):
-        raise error(f"{path}: exists and is not {what}; refusing to overwrite")
-
-
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
-    """Yield a temporary sibling path with the same suffixes; rename it onto ``path`` on success.
+    """Yield a temporary sibling file path with the same suffixes; rename it onto ``path`` on success.
 
-    Works for files and folders; an existing target is replaced only after the new one is complete.
+    For files only (an existing file is replaced only once the new one is complete; an existing
+    folder is never replaced): output folders follow :mod:`ixgs.output_folder`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -144,8 +138,6 @@ def atomic_path(path: str | os.PathLike):
     temporary = Path(temporary)
     try:
         yield temporary
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
         os.replace(temporary, path)
     except BaseException:
         if temporary.is_dir():

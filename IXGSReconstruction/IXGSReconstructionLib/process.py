@@ -2,7 +2,9 @@
 
 A separate process (not a thread) keeps Slicer responsive, isolates torch's memory, and makes cancel
 exact: killing the process is the cancel, and the engine writes its outputs only on success. The
-caller polls (Slicer: from a QTimer); nothing here needs Qt or touches the scene.
+engine's stdin is a pipe that only this side holds: when Slicer exits or dies the pipe closes and the
+engine cancels itself (``ixgs.cli.PARENT_WATCH_ENV``), so no run outlives Slicer. The caller polls
+(Slicer: from a QTimer); nothing here needs Qt or touches the scene.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import ixgs
-from ixgs.cli import settings_arguments
+from ixgs.cli import PARENT_WATCH_ENV, settings_arguments
 from ixgs.reconstruct import ReconstructionSettings
 
 def reconstruct_command(scan_path: str | os.PathLike, output_path: str | os.PathLike,
@@ -88,7 +90,7 @@ class ReconstructionProcess:
         path = os.pathsep.join(p for p in (engine_root, os.environ.get("PYTHONPATH", "")) if p)
         # "{output}" is replaced by start() with a fresh private folder.
         prefix = reconstruct_command(scan_path, "{output}", settings, python_executable)
-        return cls(prefix, output_root, {"PYTHONPATH": path, "PYTHONUNBUFFERED": "1"})
+        return cls(prefix, output_root, {"PYTHONPATH": path, "PYTHONUNBUFFERED": "1", PARENT_WATCH_ENV: "stdin"})
 
     @property
     def output_path(self) -> Path | None:
@@ -96,6 +98,10 @@ class ReconstructionProcess:
         if self.returncode == 0 and not self.cancelled and self._workdir is not None:
             return self._workdir / "out"
         return None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
 
     @property
     def running(self) -> bool:
@@ -112,7 +118,8 @@ class ReconstructionProcess:
         command = [str(self._workdir / "out") if part == "{output}" else part for part in self.command_prefix]
         env = {**os.environ, **self.environment}
         self._process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace", env=env,
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            errors="replace", env=env,
             start_new_session=(os.name != "nt"),  # its own process group: cancel reaches torch's workers too
         )
         self._threads = [threading.Thread(target=self._read, args=(self._process.stdout, self._lines), daemon=True),
@@ -174,6 +181,8 @@ class ReconstructionProcess:
 
     def _finish(self, returncode: int) -> None:
         self.returncode = returncode
+        if self._process is not None and self._process.stdin is not None:
+            self._process.stdin.close()
         if self.cancelled:
             self.error = "cancelled by the user"
         elif returncode != 0:

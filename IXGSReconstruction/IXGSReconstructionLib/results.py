@@ -1,4 +1,4 @@
-"""Load a finished reconstruction into the scene, all or nothing."""
+"""Load a finished reconstruction into the scene (all or nothing), keep its files, find its report."""
 from __future__ import annotations
 
 import json
@@ -60,10 +60,26 @@ def load_results(output_path: str | Path, name: str = "IXGS", volume_rendering: 
     return ReconstructionResult(volume_node, coverage_node, segmentation_node, threshold, report)
 
 
+def check_keep_destination(destination: str | Path) -> None:
+    """Refuse, before a run, a folder that :func:`keep_outputs` may not replace (ixgs.output_folder)."""
+    from ixgs.output_folder import check_output
+    from ixgs.outputs import KIND
+
+    check_output(destination, KIND)
+
+
 def keep_outputs(output_path: str | Path, destination: str | Path) -> Path:
-    """Copy the run's files to a folder the user chose (the run's own folder is temporary)."""
-    destination = Path(destination)
-    destination.mkdir(parents=True, exist_ok=True)
-    for file in OUTPUT_FILES:
-        shutil.copy2(Path(output_path) / file, destination / file)
-    return destination
+    """Copy all of the run's files, previews included, to a folder the user chose (the run's own
+    folder is temporary): in one atomic step, replacing only an earlier IXGS output."""
+    from ixgs.output_folder import MARKER, output_folder
+    from ixgs.outputs import KIND
+
+    with output_folder(destination, KIND) as temporary:
+        shutil.copytree(output_path, temporary, dirs_exist_ok=True, ignore=shutil.ignore_patterns(MARKER))
+    return Path(destination)
+
+
+def report_path(output_path: str | Path) -> Path | None:
+    """The run's ``report.html``, when the output folder has one."""
+    path = Path(output_path) / "report.html"
+    return path if path.is_file() else None

@@ -80,9 +80,7 @@ def standardize_scan(scan_path: str | os.PathLike, output_path: str | os.PathLik
     """
     settings.validate()
     scan = read_scan(scan_path)
-    if Path(output_path).resolve() == Path(scan.path).resolve():
-        raise ValueError(f"{output_path}: output must differ from the input scan folder")
     images = [standardize_image(view.image, settings) for view in scan.views]
     reference = Volume.read(scan.reference_volume) if scan.reference_volume is not None else None
     return write_scan(output_path, images, scan.projection_matrices, intensity="attenuation",
-                      roi=scan.roi, reference=reference)
+                      roi=scan.roi, reference=reference, inputs=[scan_path])

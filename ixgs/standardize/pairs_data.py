@@ -29,13 +29,15 @@ from ..geometry import Roi
 from ..phantom import PHANTOMS, default_roi, make_phantom
 from ..scan import read_scan
 from ..simulate import fitting_pixel_spacing, random_c_arm_poses
-from ..volume import Volume, atomic_path, check_replaceable, read_json_object
+from ..output_folder import output_folder
+from ..volume import Volume, read_json_object
 from .realism import random_realism, realistic_view
 from .target import BONE_WEIGHT, SOFT_TISSUE_WEIGHT, bone_enhanced_drr, material_path_lengths, target_from_path_lengths
 
 FORMAT = "ixgs.standardization-pairs"
 VERSION = 1
 MANIFEST = "manifest.json"
+KIND = "standardization-pairs"  # the output-folder kind (ixgs.output_folder)
 TRAINING_PHANTOM_SEED_START = 1000
 
 
@@ -49,12 +51,12 @@ def _target_metadata() -> dict:
 
 
 def _write_pairs(out_dir: Path, inputs: list[np.ndarray], targets: list[np.ndarray], metadata: list[dict],
-                 extra: dict) -> Path:
-    """Write images and manifest atomically (a failure leaves nothing at ``out_dir``)."""
-    check_replaceable(out_dir, MANIFEST, "a standardization data folder")
+                 extra: dict, read_from=()) -> Path:
+    """Write images and manifest atomically (a failure leaves nothing at ``out_dir``); ``read_from``
+    are the input paths, never replaced."""
     entries = []
-    with atomic_path(out_dir) as temporary:
-        (temporary / "inputs").mkdir(parents=True)
+    with output_folder(out_dir, KIND, read_from) as temporary:
+        (temporary / "inputs").mkdir()
         (temporary / "targets").mkdir()
         for index, (image, target, meta) in enumerate(zip(inputs, targets, metadata)):
             entry = {"input": f"inputs/{index:04d}.nrrd", "target": f"targets/{index:04d}.nrrd", **meta}
@@ -135,7 +137,8 @@ def pairs_from_scan(scan_path: str | os.PathLike, ct_path: str | os.PathLike, ou
             raise ValueError(f"{ct_path}: {error}") from None
     metadata = [{"scan_view": view.name, "projection_matrix": view.projection_matrix.tolist()} for view in scan.views]
     extra = {"source": "scan", "scan": str(scan.path), "ct": str(ct_path)}
-    return _write_pairs(Path(out_dir), [view.image for view in scan.views], targets, metadata, extra)
+    return _write_pairs(Path(out_dir), [view.image for view in scan.views], targets, metadata, extra,
+                        [scan_path, ct_path])
 
 
 def read_pairs(data_dir: str | os.PathLike) -> tuple[list[np.ndarray], list[np.ndarray], dict]:

@@ -267,8 +267,6 @@ def standardize_scan_pix2pix(scan_path: str | os.PathLike, output_path: str | os
                              weights: str | os.PathLike | None = None, device=None) -> Path:
     """Standardize every view of a scan; same geometry, ROI and reference, ``"intensity": "attenuation"``."""
     scan = read_scan(scan_path)
-    if Path(output_path).resolve() == Path(scan.path).resolve():
-        raise ValueError(f"{output_path}: output must differ from the input scan folder")
     generator = _cached_generator(weights, device)
     for view in scan.views:
         _check_image(view.image, f"{scan.path}: view {view.name}")
@@ -276,7 +274,7 @@ def standardize_scan_pix2pix(scan_path: str | os.PathLike, output_path: str | os
     images = [denormalize_target(output) for output in outputs]
     reference = Volume.read(scan.reference_volume) if scan.reference_volume is not None else None
     return write_scan(output_path, images, scan.projection_matrices, intensity="attenuation",
-                      roi=scan.roi, reference=reference)
+                      roi=scan.roi, reference=reference, inputs=[scan_path, weights])
 
 
 def standardize_scan_with(method: str, scan_path: str | os.PathLike, output_path: str | os.PathLike,
