@@ -141,6 +141,15 @@ def reference_2d(tmp_path):
     return _reconstruct(scan, tmp_path), r"reference_volume 'ct\.nrrd': must be a 3D scalar volume, got 2D"
 
 
+
+def truncated_reference(tmp_path):
+    scan = _scan(tmp_path)
+    sitk.WriteImage(sitk.GetImageFromArray(np.ones((8, 8, 8), np.float32)), str(scan / "ct.nrrd"))
+    (scan / "ct.nrrd").write_bytes((scan / "ct.nrrd").read_bytes()[:-100])  # header intact, data cut short
+    _edit_scan(scan, lambda meta: meta.__setitem__("reference_volume", "ct.nrrd"))
+    return _reconstruct(scan, tmp_path), r"reference_volume 'ct\.nrrd': its pixel data cannot be read"
+
+
 # ----- item 12: DICOM import --------------------------------------------------------------------
 def _dicom_folder(tmp_path, **bad_tags) -> Path:
     pytest.importorskip("pydicom")
@@ -308,7 +317,7 @@ def unseen_roi_option(tmp_path):
 
 
 CASES = [absolute_image_path, dotdot_image_path, symlinked_image, dotdot_reference, r2gaussian_file_path_outside,
-         tigre_symlink_outside, unreadable_reference, reference_2d, truncated_dicom, nan_primary_angle,
+         tigre_symlink_outside, unreadable_reference, reference_2d, truncated_reference, truncated_dicom, nan_primary_angle,
          nan_secondary_angle, infinite_distance, tiny_voxels, absurd_voxels, two_billion_gaussians, huge_detector,
          billion_views, deep_scan_json, deep_r2gaussian_json, deep_bead_layout, nan_bone_threshold,
          nan_evaluate_threshold, nan_max_error, nan_roi, infinite_assumed_distance, huge_matrix_entry, far_away_roi,

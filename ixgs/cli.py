@@ -357,6 +357,13 @@ def _calibration_inputs(args) -> list:
     return [args.images, layout_source(args.phantom)]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line refusal (no usage block): bad input reads the same everywhere."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"ixgs: error: {self.prog}: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .peers import SCENE_KIND
     from .reconstruct import DEVICES, INITS, METHODS, PRESETS, ReconstructionSettings
@@ -364,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .standardize.pairs_data import KIND as PAIRS_KIND
 
     defaults = ReconstructionSettings()
-    parser = argparse.ArgumentParser(prog="ixgs", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="ixgs", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"ixgs {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 

@@ -364,7 +364,8 @@ def _check_line_integrals(image: np.ndarray, label: str) -> None:
 
 
 def _check_reference_volume(path: Path, label: str) -> None:
-    """Read the reference's header now (cheap), so a bad one fails before any reconstruction."""
+    """Read the reference now (header and pixel data: a truncated file fails only on the data), so a
+    bad one fails before any reconstruction, not after it."""
     if not path.is_file():
         raise ScanError(f"{label}: file not found")
     reader = sitk.ImageFileReader()
@@ -376,6 +377,10 @@ def _check_reference_volume(path: Path, label: str) -> None:
     if reader.GetDimension() != 3 or reader.GetNumberOfComponents() != 1:
         raise ScanError(f"{label}: must be a 3D scalar volume, got {reader.GetDimension()}D with "
                         f"{reader.GetNumberOfComponents()} component(s)")
+    try:
+        reader.Execute()
+    except RuntimeError:
+        raise ScanError(f"{label}: its pixel data cannot be read (truncated or corrupt file)") from None
 
 
 def _read_roi(value, world: str, manifest: Path) -> Roi | None:
