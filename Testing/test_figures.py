@@ -170,6 +170,21 @@ def test_bone_renders_off_screen_from_three_sides_with_sources(ring_scan):
     assert _pixels(figure).shape[:2] == _size_px(figure) == (460, 1600)
 
 
+def test_a_vtk_that_cannot_render_does_not_end_the_caller(monkeypatch):
+    """VTK's OSMesa window ends its process when libOSMesa is missing: rendering runs in a child, so
+    the caller gets images (OSMesa present) or RenderUnavailable with the reason, and lives on."""
+    pytest.importorskip("vtk")
+    from ixgs import render3d
+
+    monkeypatch.setenv("VTK_DEFAULT_OPENGL_WINDOW", "vtkOSOpenGLRenderWindow")
+    try:
+        images = render3d.render_bone_views(_phantom(), 0.035, size=(40, 30))
+    except render3d.RenderUnavailable as error:
+        assert "VTK could not render off-screen" in str(error) and "libEGL" in str(error)
+    else:
+        assert len(images) == 3 and all(image.shape == (30, 40, 3) for image in images.values())
+
+
 def test_no_bone_surface_is_refused():
     from ixgs.render3d import bone_surface
 
@@ -179,3 +194,18 @@ def test_no_bone_surface_is_refused():
     points, faces, normals = bone_surface(volume, 0.035)
     assert faces.max() < len(points) and np.allclose(np.linalg.norm(normals, axis=1), 1, atol=1e-3)
     assert points.min(axis=0)[0] < -15 and points.max(axis=0)[0] > 25  # ball and marker, in LPS mm
+
+
+def test_extension_icon_and_screenshot_are_files_in_the_repository():
+    """The Slicer catalogue URLs point at raw files of this repository's main branch: they must exist."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cmake = (root / "CMakeLists.txt").read_text()
+    for field in ("EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
+        url = re.search(rf'set\({field} "([^"]+)"\)', cmake).group(1)
+        prefix = "https://raw.githubusercontent.com/ixgs/ixgs/main/"
+        assert url.startswith(prefix), url
+        path = root / url[len(prefix):]
+        assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path

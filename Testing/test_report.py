@@ -92,7 +92,7 @@ def test_run_writes_self_contained_report(scan_with_reference, tmp_path):
     assert sorted(p.name for p in (out / PREVIEWS).iterdir()) == sorted(FIGURES)
     page, text = _check_page(out)
     assert page.images == len(FIGURES)
-    for expected in ("fused (torch.compile)", "warm start (SART)", "psnr", "plateau", str(out.resolve())):
+    for expected in ("fused (torch.compile)", "warm start (SART)", "3D PSNR (dB)", "plateau", str(out.resolve())):
         assert expected in text, expected
     assert ".partial" not in text  # the page names the final folder, not the temporary one
     assert 0 < report["previews_s"] < 120

@@ -206,9 +206,10 @@ def views_figure(scan, reprojections: dict[int, np.ndarray]) -> Figure:
         residual = rendered - measured
         low, high = np.percentile(measured, [0.5, 99.5])
         limit = float(np.percentile(np.abs(residual), 99.5)) or 1e-6
-        score = reprojection_psnr(rendered, measured) if np.ptp(measured) > 0 else float("nan")
+        score = (f"PSNR {reprojection_psnr(rendered, measured):.1f} dB" if np.ptp(measured) > 0
+                 else "PSNR undefined (constant view)")
         panels = ((measured, "measured", dict(cmap="gray", vmin=low, vmax=high)),
-                  (rendered, f"re-projected, PSNR {score:.1f} dB", dict(cmap="gray", vmin=low, vmax=high)),
+                  (rendered, f"re-projected, {score}", dict(cmap="gray", vmin=low, vmax=high)),
                   (residual, "residual (re-projected − measured)", dict(cmap="RdBu_r", vmin=-limit, vmax=limit)))
         for column, (image, name, style) in enumerate(panels):
             ax = axes[row, column]

@@ -127,7 +127,10 @@ def write_previews(out_dir: Path, volume: Volume, coverage: Volume, report: dict
     return, for each figure not drawn, why (report.html shows it). ``report`` gives the bone
     threshold, coverage summary, loss curve, stages and stop reason; ``scan`` the X-ray sources and
     measured views; ``reference`` (1/mm) the slices to compare with."""
-    from . import figures, render3d
+    try:
+        from . import figures, render3d
+    except ImportError as error:  # e.g. Slicer's Python before matplotlib is installed: keep the result
+        return {name: f"matplotlib is not installed ({error})" for name in FIGURES}
 
     folder = Path(out_dir) / PREVIEWS
     folder.mkdir(exist_ok=True)

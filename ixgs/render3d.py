@@ -1,14 +1,19 @@
 """Off-screen 3D pictures of the bone surface with VTK (optional: ``pip install "ixgs[render]"``).
 
 The surface is scikit-image's marching cubes of the attenuation at the bone threshold, i.e. the
-boundary of ``bone.nrrd``. VTK draws it without a display: its wheels pick the OpenGL window at
-run time (X when a display is set, else EGL, else OSMesa); with no display we ask for EGL first,
-which needs only the system's ``libEGL`` (Mesa's software renderer works).
+boundary of ``bone.nrrd``. VTK draws it without a display, in a child process: its wheels pick the
+OpenGL window at run time (X when a display is set, else EGL, else OSMesa); with no display we ask
+for EGL first, which needs only the system's ``libEGL`` (Mesa's software renderer works).
 """
 from __future__ import annotations
 
+import importlib.util
 import os
+import re
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 from skimage.measure import marching_cubes
@@ -28,6 +33,7 @@ CLOSE_UPS = {
     "oblique (anterior-left, from above)": (0.6, -0.7, 0.4),
 }
 OVERVIEW = ("geometry: X-ray sources around the ROI", (0.55, -0.65, 0.55))
+RENDER_TIMEOUT_S = 300
 
 
 class RenderUnavailable(RuntimeError):
@@ -46,30 +52,61 @@ def bone_surface(volume: Volume, threshold: float) -> tuple[np.ndarray, np.ndarr
     return points, faces, normals[:, ::-1] @ direction.T
 
 
-def _import_vtk():
-    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
-        os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
-    try:
-        import vtkmodules.vtkRenderingOpenGL2  # noqa: F401  (registers the OpenGL implementations)
-        from vtkmodules import vtkCommonCore, vtkCommonDataModel, vtkFiltersCore, vtkFiltersSources, vtkRenderingCore
-        from vtkmodules.util import numpy_support
-    except ImportError as error:
-        raise RenderUnavailable(f"vtk is not installed ({error}); pip install \"ixgs[render]\"") from None
-    return vtkCommonCore, vtkCommonDataModel, vtkFiltersCore, vtkFiltersSources, vtkRenderingCore, numpy_support
-
-
 def render_bone_views(volume: Volume, threshold: float, sources_mm: np.ndarray | None = None,
                       size: tuple[int, int] = (420, 420)) -> dict[str, np.ndarray]:
-    """RGB uint8 images (rows, cols, 3), ``size = (cols, rows)``, of the bone surface: AP, lateral and oblique close-ups, and,
-    with ``sources_mm`` (n, 3) LPS, an overview with the sources as small markers, their central
-    rays and the ROI box. Raises :class:`RenderUnavailable` when VTK cannot render here."""
-    core, data, filters, shapes, rendering, numpy_support = _import_vtk()
+    """RGB uint8 images (rows, cols, 3), ``size = (cols, rows)``, of the surface μ = ``threshold``:
+    AP, lateral and oblique close-ups, and, with ``sources_mm`` (n, 3) LPS, an overview with the
+    sources as small markers, their central rays and the ROI box.
+
+    VTK renders in a child process: an OpenGL that is missing can end a process outright (VTK's
+    OSMesa window exits when libOSMesa is absent), and a reconstruction must survive that. Raises
+    :class:`RenderUnavailable` (with the reason) when VTK is absent or cannot render here."""
+    if importlib.util.find_spec("vtkmodules") is None:
+        raise RenderUnavailable('vtk is not installed (pip install "ixgs[render]")')
     points, faces, normals = bone_surface(volume, threshold)
-    surface = data.vtkPolyData()
-    vtk_points = core.vtkPoints()
+    roi = volume.grid.roi
+    sources_mm = np.zeros((0, 3)) if sources_mm is None else np.asarray(sources_mm, float).reshape(-1, 3)
+    with tempfile.TemporaryDirectory(prefix="ixgs-render-") as folder:
+        scene, images = Path(folder) / "scene.npz", Path(folder) / "images.npz"
+        np.savez(scene, points=points, faces=faces, normals=normals, sources=sources_mm, roi_lower=roi.lower,
+                 roi_upper=roi.upper, size=np.asarray(size, int))
+        package_root = str(Path(__file__).resolve().parents[1])
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
+        try:
+            child = subprocess.run([sys.executable, "-m", "ixgs.render3d", str(scene), str(images)], env=env,
+                                   capture_output=True, text=True, timeout=RENDER_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise RenderUnavailable(f"VTK did not finish rendering within {RENDER_TIMEOUT_S} s") from None
+        if child.returncode != 0 or not images.is_file():
+            raise RenderUnavailable(f"VTK could not render off-screen (exit status {child.returncode}): "
+                                    f"{_last_message(child.stderr)}")
+        with np.load(images) as stored:
+            names = [str(name) for name in stored["names"]]
+            return {name: stored[f"image_{number}"] for number, name in enumerate(names)}
+
+
+def _last_message(stderr: str) -> str:
+    """The last line VTK (or Python) printed, without colour codes; what went wrong, in one line."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).split("| ")[-1].strip() for line in stderr.splitlines()]
+    lines = [line for line in lines if line]
+    hint = "on Linux without a display VTK needs the system's libEGL (Mesa: libegl1, libegl-mesa0)"
+    return (lines[-1][-300:] + "; " + hint) if lines else hint
+
+
+def _render_scene(scene: dict) -> dict[str, np.ndarray]:
+    """The VTK side of :func:`render_bone_views` (runs in the child process)."""
+    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
+    import vtkmodules.vtkRenderingOpenGL2  # noqa: F401  (registers the OpenGL implementations)
+    from vtkmodules import vtkCommonCore, vtkCommonDataModel, vtkFiltersSources, vtkRenderingCore as rendering
+    from vtkmodules.util import numpy_support
+
+    points, faces, normals = scene["points"], scene["faces"], scene["normals"]
+    surface = vtkCommonDataModel.vtkPolyData()
+    vtk_points = vtkCommonCore.vtkPoints()
     vtk_points.SetData(numpy_support.numpy_to_vtk(np.ascontiguousarray(points, np.float32), deep=True))
     surface.SetPoints(vtk_points)
-    triangles = data.vtkCellArray()
+    triangles = vtkCommonDataModel.vtkCellArray()
     offsets = np.arange(0, 3 * len(faces) + 1, 3, dtype=np.int64)
     triangles.SetData(numpy_support.numpy_to_vtkIdTypeArray(offsets, deep=True),
                       numpy_support.numpy_to_vtkIdTypeArray(np.ascontiguousarray(faces.ravel(), np.int64), deep=True))
@@ -81,12 +118,10 @@ def render_bone_views(volume: Volume, threshold: float, sources_mm: np.ndarray |
     bone.GetProperty().SetSpecular(0.3)
     bone.GetProperty().SetSpecularPower(20)
 
+    cols, rows = (int(n) for n in scene["size"])
     window = rendering.vtkRenderWindow()
     window.SetOffScreenRendering(1)
-    window.SetSize(SUPERSAMPLING * size[0], SUPERSAMPLING * size[1])
-    if hasattr(window, "SupportsOpenGL") and not window.SupportsOpenGL():
-        raise RenderUnavailable(f"{type(window).__name__}: no off-screen OpenGL context (on Linux without a "
-                                "display, VTK needs the system's libEGL, e.g. apt-get install libegl1)")
+    window.SetSize(SUPERSAMPLING * cols, SUPERSAMPLING * rows)
     renderer = rendering.vtkRenderer()
     renderer.SetBackground(*BACKGROUND_RGB)
     window.AddRenderer(renderer)
@@ -94,27 +129,28 @@ def render_bone_views(volume: Volume, threshold: float, sources_mm: np.ndarray |
     center = 0.5 * (points.min(axis=0) + points.max(axis=0))
     images = {name: _snapshot(window, renderer, rendering, center, direction, surface.GetBounds(), numpy_support)
               for name, direction in CLOSE_UPS.items()}
-    if sources_mm is not None and len(sources_mm):
-        sources_mm = np.asarray(sources_mm, float)
-        roi = volume.grid.roi
-        scene = max(float(np.ptp(np.vstack([sources_mm, roi.lower, roi.upper]), axis=0).max()), 1.0)
-        for source in sources_mm:
-            marker = shapes.vtkSphereSource()
+    sources, lower, upper = scene["sources"], scene["roi_lower"], scene["roi_upper"]
+    if len(sources):
+        roi_center = 0.5 * (lower + upper)
+        everything = np.vstack([sources, lower, upper])
+        radius = 0.012 * max(float(np.ptp(everything, axis=0).max()), 1.0)
+        for source in sources:
+            marker = vtkFiltersSources.vtkSphereSource()
             marker.SetCenter(*source)
-            marker.SetRadius(0.012 * scene)
+            marker.SetRadius(radius)
             renderer.AddActor(_actor(rendering, marker, SOURCE_RGB, port=True))
-            ray = shapes.vtkLineSource()
+            ray = vtkFiltersSources.vtkLineSource()
             ray.SetPoint1(*source)
-            ray.SetPoint2(*roi.center)
+            ray.SetPoint2(*roi_center)
             line = _actor(rendering, ray, SOURCE_RGB, port=True)
             line.GetProperty().SetOpacity(0.35)
             renderer.AddActor(line)
-        box = shapes.vtkOutlineSource()
-        box.SetBounds(roi.lower[0], roi.upper[0], roi.lower[1], roi.upper[1], roi.lower[2], roi.upper[2])
+        box = vtkFiltersSources.vtkOutlineSource()
+        box.SetBounds(lower[0], upper[0], lower[1], upper[1], lower[2], upper[2])
         renderer.AddActor(_actor(rendering, box, (0.5, 0.8, 1.0), port=True))
-        bounds = [f(values) for values in zip(*np.vstack([sources_mm, roi.lower, roi.upper])) for f in (min, max)]
+        bounds = [value for axis in range(3) for value in (everything[:, axis].min(), everything[:, axis].max())]
         name, direction = OVERVIEW
-        images[name] = _snapshot(window, renderer, rendering, np.asarray(roi.center), direction, bounds, numpy_support)
+        images[name] = _snapshot(window, renderer, rendering, roi_center, direction, bounds, numpy_support)
     window.Finalize()
     return images
 
@@ -153,3 +189,18 @@ def _snapshot(window, renderer, rendering, center, direction, bounds, numpy_supp
     n = SUPERSAMPLING  # VTK's first row is the bottom one, hence the flip above
     blocks = pixels.reshape(rows // n, n, cols // n, n, 3).astype(np.float32).mean(axis=(1, 3))
     return np.round(blocks).astype(np.uint8)
+
+
+def _main(argv: list[str]) -> int:
+    """``python -m ixgs.render3d SCENE.npz IMAGES.npz``: the child process of :func:`render_bone_views`."""
+    scene_path, images_path = argv
+    with np.load(scene_path) as stored:
+        scene = {key: stored[key] for key in stored.files}
+    images = _render_scene(scene)
+    arrays = {f"image_{number}": image for number, image in enumerate(images.values())}
+    np.savez(images_path, names=np.array(list(images)), **arrays)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

@@ -17,6 +17,8 @@ from pathlib import Path
 from .volume import Volume, atomic_path, read_json_object
 
 REPORT_HTML = "report.html"
+METRIC_NAMES = {"psnr": "3D PSNR (dB)", "ssim": "3D SSIM", "dice": "bone Dice",
+                "bone_threshold": "bone threshold of the Dice (1/mm)"}
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1350px; color: #222; }
@@ -105,10 +107,10 @@ def report_page(out_dir: str | os.PathLike, report: dict, notes: dict[str, str] 
     parts.append("<h2>Coverage</h2>")
     if "warning" in coverage:
         parts.append(f"<p class=\"warning\">{html.escape(coverage['warning'])}</p>")
-    parts.append(_table([(k, v) for k, v in coverage.items() if k != "warning"]))
+    parts.append(_table([(k.replace("_", " "), v) for k, v in coverage.items() if k != "warning"]))
     parts.append("<h2>Metrics against the reference</h2>")
     if "metrics" in report:
-        parts.append(_table(report["metrics"].items(), ("metric", "value")))
+        parts.append(_table([(METRIC_NAMES.get(k, k), v) for k, v in report["metrics"].items()], ("metric", "value")))
     else:
         parts.append("<p class=\"note\">The scan has no reference volume: no 3D metrics.</p>")
     parts += ["<h2>Wall time per stage</h2>", _table(_stage_rows(report), ("stage", "start s", "end s", "seconds"))]
