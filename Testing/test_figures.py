@@ -101,7 +101,7 @@ def test_coverage_figure_outlines_under_constrained_region():
     figure = figures.coverage_figure(volume, coverage, 2, figures.roi_center(volume))
     pixels = _pixels(figure)
     assert pixels.shape[:2] == _size_px(figure) == (430, 1300)
-    assert "25.0 %" in figure.texts[0].get_text() or "25.0 %" in figure._suptitle.get_text()
+    assert "25.0 %" in figure.get_suptitle()
     contours = [c for ax in figure.axes for c in ax.collections]
     assert contours  # axial and coronal cut the region (the sagittal slice at x = 0 does not)
     red = (pixels[..., 0] > 0.8) & (pixels[..., 1] < 0.2) & (pixels[..., 2] < 0.2)
@@ -135,7 +135,7 @@ def test_loss_figure_marks_stages_densification_and_stop():
         assert len(spans) == 3  # one shaded span per stage
         vertical = [line for line in ax.get_lines() if np.ptp(line.get_xdata()) == 0]
         assert len(vertical) == 1  # the densification round
-    assert "plateau" in figure._suptitle.get_text()
+    assert "plateau" in figure.get_suptitle()
     pixels = _pixels(figure)
     assert pixels.shape[:2] == _size_px(figure) == (460, 1300) and pixels[..., :3].std() > 0.05
 

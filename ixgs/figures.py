@@ -96,13 +96,15 @@ def _extent(volume: Volume, plane: Plane) -> tuple[float, float, float, float]:
     return (left, right, low, high) if plane.vertical_up else (left, right, high, low)
 
 
-def _show(ax, volume: Volume, array: np.ndarray, plane: Plane, index: int, **imshow):
+def _show(ax, volume: Volume, array: np.ndarray, plane: Plane, index: int, overlay: bool = False, **imshow):
+    """One slice in mm with its anatomical letters (an ``overlay`` goes on a slice already shown)."""
     image = plane_image(array, plane, index)
     shown = ax.imshow(image, origin="lower" if plane.vertical_up else "upper", extent=_extent(volume, plane),
                       interpolation="nearest", **imshow)
-    ax.set_xlabel(f"{WORLD_AXIS_NAMES[plane.horizontal]} (mm)")
-    ax.set_ylabel(f"{WORLD_AXIS_NAMES[plane.vertical]} (mm)")
-    _orientation_letters(ax, plane.letters)
+    if not overlay:
+        ax.set_xlabel(f"{WORLD_AXIS_NAMES[plane.horizontal]} (mm)")
+        ax.set_ylabel(f"{WORLD_AXIS_NAMES[plane.vertical]} (mm)")
+        _orientation_letters(ax, plane.letters)
     return shown
 
 
@@ -142,7 +144,8 @@ def slices_figure(volume: Volume, point_mm, title: str, reference: Volume | None
     high = max(float(np.percentile(values, 99.9)) for name, values in rows if name != "difference")
     high = high if high > 0 else 1.0
     figure = Figure(figsize=(13, 3.9 * len(rows)), dpi=DPI, layout="constrained")
-    figure.suptitle(title, fontsize=13)
+    point = ", ".join(f"{c:.1f}" for c in np.asarray(point_mm, float))
+    figure.suptitle(f"{title}: (x, y, z) = ({point}) mm, LPS", fontsize=13)
     axes = figure.subplots(len(rows), 3, squeeze=False)
     for row, (name, values) in enumerate(rows):
         if name == "difference":
@@ -176,7 +179,8 @@ def coverage_figure(volume: Volume, coverage: Volume, minimum_views: int, point_
     for ax, plane in zip(axes, PLANES):
         index = indices[plane.fixed_axis]
         _show(ax, volume, values, plane, index, cmap="gray", vmin=0.0, vmax=high)
-        shown = _show(ax, volume, counts, plane, index, cmap="viridis", vmin=0.0, vmax=top, alpha=0.35)
+        shown = _show(ax, volume, counts, plane, index, overlay=True, cmap="viridis", vmin=0.0, vmax=top,
+                      alpha=0.35)
         image = plane_image(counts, plane, index)
         if image.min() < minimum_views <= image.max():
             contour = dict(origin="lower" if plane.vertical_up else "upper", extent=_extent(volume, plane))

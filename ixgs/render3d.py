@@ -14,11 +14,12 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from skimage.measure import marching_cubes
 
-from .volume import Volume
+if TYPE_CHECKING:  # the render child imports only numpy and VTK: it starts in a fraction of a second
+    from .volume import Volume
 
 BONE_RGB = (0.93, 0.89, 0.80)
 SOURCE_RGB = (1.0, 0.55, 0.1)
@@ -42,6 +43,8 @@ class RenderUnavailable(RuntimeError):
 
 def bone_surface(volume: Volume, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Vertices (LPS mm), triangles (vertex indices) and unit normals of the surface μ = ``threshold``."""
+    from skimage.measure import marching_cubes
+
     values = np.asarray(volume.array, np.float32)
     if not values.max() > threshold:
         raise ValueError(f"no voxel above the bone threshold {threshold:.4g} 1/mm: no bone surface to draw")
