@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from matplotlib import patheffects
 from matplotlib.figure import Figure
 from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
 from scipy.ndimage import uniform_filter
@@ -110,7 +111,8 @@ def _show(ax, volume: Volume, array: np.ndarray, plane: Plane, index: int, overl
 
 def _orientation_letters(ax, letters) -> None:
     """Anatomical direction letters at the middle of each edge, inside the image."""
-    style = dict(transform=ax.transAxes, color="yellow", fontsize=11, fontweight="bold")
+    style = dict(transform=ax.transAxes, color="yellow", fontsize=11, fontweight="bold",
+                 path_effects=[patheffects.withStroke(linewidth=2.5, foreground="black")])
     left, right, top, bottom = letters
     ax.text(0.02, 0.5, left, ha="left", va="center", **style)
     ax.text(0.98, 0.5, right, ha="right", va="center", **style)
@@ -124,6 +126,22 @@ def _scale_bar(ax) -> None:
                           frameon=True, size_vertical=0.8, pad=0.3, borderpad=0.6, sep=2, fontproperties={"size": 8})
     bar.patch.set(facecolor="black", alpha=0.55, edgecolor="none")
     ax.add_artist(bar)
+
+
+def _panels(figure: Figure, rows: int, columns: int, wspace: float = 0.3, right_in: float = 1.1) -> np.ndarray:
+    """A fixed grid of axes (rows, columns), ``right_in`` inches kept for colour bars; a layout
+    engine would more than double the drawing time (most of the figures' cost)."""
+    width, height = figure.get_size_inches()
+    top_in, bottom_in, gap_in = 0.75, 0.5, 0.95  # the gap holds a row's x labels and the next row's titles
+    row_in = (height - top_in - bottom_in - (rows - 1) * gap_in) / rows
+    grid = figure.add_gridspec(rows, columns, left=0.75 / width, right=1 - right_in / width, bottom=bottom_in / height,
+                               top=1 - top_in / height, wspace=wspace, hspace=gap_in / row_in)
+    return np.array([[figure.add_subplot(grid[r, c]) for c in range(columns)] for r in range(rows)])
+
+
+def _colorbar(figure: Figure, shown, ax, label: str) -> None:
+    """A colour bar as tall as ``ax``'s image, just right of it."""
+    figure.colorbar(shown, cax=ax.inset_axes([1.04, 0.0, 0.05, 1.0]), label=label)
 
 
 def _plane_title(volume: Volume, plane: Plane, index: int) -> str:
@@ -143,10 +161,10 @@ def slices_figure(volume: Volume, point_mm, title: str, reference: Volume | None
         rows += [("reference", on_grid), ("difference", rows[0][1] - on_grid)]
     high = max(float(np.percentile(values, 99.9)) for name, values in rows if name != "difference")
     high = high if high > 0 else 1.0
-    figure = Figure(figsize=(13, 3.9 * len(rows)), dpi=DPI, layout="constrained")
+    figure = Figure(figsize=(13, 3.9 * len(rows)), dpi=DPI)
     point = ", ".join(f"{c:.1f}" for c in np.asarray(point_mm, float))
     figure.suptitle(f"{title}: (x, y, z) = ({point}) mm, LPS", fontsize=13)
-    axes = figure.subplots(len(rows), 3, squeeze=False)
+    axes = _panels(figure, len(rows), 3)
     for row, (name, values) in enumerate(rows):
         if name == "difference":
             limit = float(np.percentile(np.abs(values), 99.5)) or 1e-6
@@ -158,7 +176,7 @@ def slices_figure(volume: Volume, point_mm, title: str, reference: Volume | None
             shown = _show(ax, volume, values, plane, indices[plane.fixed_axis], **style)
             ax.set_title(f"{name}: {_plane_title(volume, plane, indices[plane.fixed_axis])}", fontsize=10)
             _scale_bar(ax)
-        figure.colorbar(shown, ax=axes[row, :].tolist(), label=label, shrink=0.9)
+        _colorbar(figure, shown, axes[row, -1], label)
     return figure
 
 
@@ -171,10 +189,10 @@ def coverage_figure(volume: Volume, coverage: Volume, minimum_views: int, point_
     counts = np.asarray(coverage.array, np.float32)
     high = float(np.percentile(values, 99.9)) or 1.0
     low_fraction = float(np.mean(counts < minimum_views))
-    figure = Figure(figsize=(13, 4.3), dpi=DPI, layout="constrained")
+    figure = Figure(figsize=(13, 4.3), dpi=DPI)
     figure.suptitle(f"Coverage: views that see each voxel; red outline: fewer than {minimum_views} views "
                     f"({100 * low_fraction:.1f} % of the ROI, under-constrained)", fontsize=12)
-    axes = figure.subplots(1, 3)
+    axes = _panels(figure, 1, 3)[0]
     top = max(float(counts.max()), 1.0)
     for ax, plane in zip(axes, PLANES):
         index = indices[plane.fixed_axis]
@@ -193,7 +211,7 @@ def coverage_figure(volume: Volume, coverage: Volume, minimum_views: int, point_
                     bbox=dict(facecolor="black", alpha=0.55, edgecolor="none"))
         ax.set_title(_plane_title(volume, plane, index), fontsize=10)
         _scale_bar(ax)
-    figure.colorbar(shown, ax=axes.tolist(), label="views that see the voxel", shrink=0.9)
+    _colorbar(figure, shown, axes[-1], "views that see the voxel")
     return figure
 
 
@@ -201,9 +219,9 @@ def views_figure(scan, reprojections: dict[int, np.ndarray]) -> Figure:
     """Measured and re-projected views with their residual and per-view PSNR (detector pixels;
     values are line integrals of μ, unitless)."""
     indices = sorted(reprojections)
-    figure = Figure(figsize=(12, 3.3 * len(indices) + 0.6), dpi=DPI, layout="constrained")
+    figure = Figure(figsize=(12, 3.3 * len(indices) + 0.6), dpi=DPI)
     figure.suptitle("Measured vs re-projected views (line integrals ∫μ dl, unitless)", fontsize=13)
-    axes = figure.subplots(len(indices), 3, squeeze=False)
+    axes = _panels(figure, len(indices), 3, wspace=0.55)
     for row, index in enumerate(indices):
         view = scan.views[index]
         measured, rendered = np.asarray(view.image, np.float64), np.asarray(reprojections[index], np.float64)
@@ -221,9 +239,8 @@ def views_figure(scan, reprojections: dict[int, np.ndarray]) -> Figure:
             ax.set_title(f"view {index} ({view.name}): {name}", fontsize=9)
             ax.set_xlabel("u (px)")
             ax.set_ylabel("v (px)")
-            if column == 1:
-                figure.colorbar(shown, ax=axes[row, :2].tolist(), label="line integral", shrink=0.9)
-        figure.colorbar(shown, ax=axes[row, 2], label="residual", shrink=0.9)
+            if column >= 1:
+                _colorbar(figure, shown, ax, "line integral" if column == 1 else "residual")
     return figure
 
 
@@ -245,11 +262,11 @@ def loss_figure(report: dict) -> Figure | None:
         return None
     stages = [stage for stage in report.get("stages") or [] if {"name", "start_s", "end_s"} <= set(stage)]
     rounds = [entry for entry in report.get("densification") or [] if "iteration" in entry]
-    figure = Figure(figsize=(13, 4.6), dpi=DPI, layout="constrained")
+    figure = Figure(figsize=(13, 4.6), dpi=DPI)
     stop = report.get("stop_reason")
     figure.suptitle("Training loss (L1 + D-SSIM + TV)" + (f" — stopped: {stop}" if stop else ""), fontsize=13)
     panels = [("iteration", iterations)] + ([("wall time (s)", elapsed)] if elapsed is not None else [])
-    axes = figure.subplots(1, len(panels), squeeze=False)[0]
+    axes = _panels(figure, 1, len(panels), wspace=0.22, right_in=0.3)[0]
     positive = np.maximum(losses, np.finfo(float).tiny)
     colours = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3")
     window = max(1, min(len(positive) // 10, MOVING_AVERAGE_STEPS))
@@ -268,6 +285,8 @@ def loss_figure(report: dict) -> Figure | None:
                 if elapsed is None:
                     continue
                 span = tuple(np.interp(span, elapsed, iterations))
+                if span[1] <= span[0]:  # before the first or after the last iteration (warm start, voxelize)
+                    continue
             ax.axvspan(*span, color=colours[number % len(colours)], alpha=0.18, label=stage["name"])
         for number, entry in enumerate(rounds):
             where = entry["iteration"] if label == "iteration" else entry.get("elapsed_s")
@@ -276,21 +295,23 @@ def loss_figure(report: dict) -> Figure | None:
             ax.axvline(where, color="#c44e52", linestyle="--", linewidth=0.9,
                        label="densification" if number == 0 else None)
         if stop:
-            ax.annotate(f"stop: {stop}", (x[-1], positive[-1]), xytext=(-6, 14), textcoords="offset points",
-                        ha="right", fontsize=9, arrowprops=dict(arrowstyle="->", lw=0.8))
+            ax.axvline(x[-1], color="black", linestyle=":", linewidth=1.0)
+            ax.text(x[-1], 0.5, f" stop: {stop} ", transform=ax.get_xaxis_transform(), rotation=90, ha="right",
+                    va="center", fontsize=9)
     if not stages and not rounds:
         axes[0].text(0.02, 0.03, "stages and densification rounds not recorded in this report",
                      transform=axes[0].transAxes, fontsize=8, color="gray")
     if elapsed is None:
         axes[0].set_title("wall time per iteration not recorded in this report", fontsize=9, color="gray")
-    axes[-1].legend(fontsize=8, loc="upper right")
+    axes[-1].legend(fontsize=8, loc="lower left")
     return figure
 
 
 def bone_3d_figure(renders: dict[str, np.ndarray], threshold: float) -> Figure:
     """Side-by-side off-screen renders of the bone surface (:mod:`ixgs.render3d`), titled."""
-    figure = Figure(figsize=(4.0 * len(renders), 4.6), dpi=DPI, layout="constrained")
+    figure = Figure(figsize=(4.0 * len(renders), 4.6), dpi=DPI)
     figure.suptitle(f"Bone surface (μ > {threshold:.4f} 1/mm); orange: X-ray sources", fontsize=13)
+    figure.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=0.86, wspace=0.03)
     axes = figure.subplots(1, len(renders), squeeze=False)[0]
     for ax, (name, image) in zip(axes, renders.items()):
         ax.imshow(image)

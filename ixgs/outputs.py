@@ -6,6 +6,7 @@ One output folder, written atomically: ``volume.nrrd`` (float32, 1/mm, LPS), ``b
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -135,31 +136,37 @@ def write_previews(out_dir: Path, volume: Volume, coverage: Volume, report: dict
     folder = Path(out_dir) / PREVIEWS
     folder.mkdir(exist_ok=True)
     notes = {}
-    center = figures.roi_center(volume)
-    figures.save_figure(figures.slices_figure(volume, center, "Through the ROI centre", reference),
-                        folder / "slices_center.png")
-    figures.save_figure(figures.slices_figure(volume, figures.densest_point(volume), "Through the densest bone",
-                                              reference), folder / "slices_bone.png")
     threshold = float(report["bone_threshold"])
-    if volume.array.max() > threshold:
-        sources = np.array([view.source for view in scan.views]) if scan is not None else None
-        try:
-            renders = render3d.render_bone_views(volume, threshold, sources)
-            figures.save_figure(figures.bone_3d_figure(renders, threshold), folder / "bone_3d.png")
-        except render3d.RenderUnavailable as error:
-            notes["bone_3d.png"] = str(error)
-    else:
-        notes["bone_3d.png"] = f"no voxel above the bone threshold {threshold:.4g} 1/mm"
-    if reprojections and scan is not None:
-        figures.save_figure(figures.views_figure(scan, reprojections), folder / "views.png")
-    elif not (folder / "views.png").is_file():
-        notes["views.png"] = "re-projections come from the reconstruction run and are not stored"
-    loss = figures.loss_figure(report)
-    if loss is not None:
-        figures.save_figure(loss, folder / "loss.png")
-    else:
-        notes["loss.png"] = "no loss curve in report.json (SART has none)"
-    summary = report["coverage"]
-    needed = summary.get("minimum_views", minimum_views(summary["views"]))
-    figures.save_figure(figures.coverage_figure(volume, coverage, needed, center), folder / "coverage.png")
+    sources = np.array([view.source for view in scan.views]) if scan is not None else None
+    with contextlib.ExitStack() as stack:
+        render = None  # the 3D view renders in a child process while the other figures are drawn
+        if volume.array.max() <= threshold:
+            notes["bone_3d.png"] = f"no voxel above the bone threshold {threshold:.4g} 1/mm"
+        else:
+            try:
+                render = stack.enter_context(render3d.BoneRender(volume, threshold, sources))
+            except render3d.RenderUnavailable as error:
+                notes["bone_3d.png"] = str(error)
+        center = figures.roi_center(volume)
+        figures.save_figure(figures.slices_figure(volume, center, "Through the ROI centre", reference),
+                            folder / "slices_center.png")
+        figures.save_figure(figures.slices_figure(volume, figures.densest_point(volume), "Through the densest bone",
+                                                  reference), folder / "slices_bone.png")
+        if reprojections and scan is not None:
+            figures.save_figure(figures.views_figure(scan, reprojections), folder / "views.png")
+        elif not (folder / "views.png").is_file():
+            notes["views.png"] = "re-projections come from the reconstruction run and are not stored"
+        loss = figures.loss_figure(report)
+        if loss is not None:
+            figures.save_figure(loss, folder / "loss.png")
+        else:
+            notes["loss.png"] = "fewer than 2 loss values in report.json (SART records none)"
+        summary = report["coverage"]
+        needed = summary.get("minimum_views", minimum_views(summary["views"]))
+        figures.save_figure(figures.coverage_figure(volume, coverage, needed, center), folder / "coverage.png")
+        if render is not None:
+            try:
+                figures.save_figure(figures.bone_3d_figure(render.images(), threshold), folder / "bone_3d.png")
+            except render3d.RenderUnavailable as error:
+                notes["bone_3d.png"] = str(error)
     return notes

@@ -59,33 +59,56 @@ def render_bone_views(volume: Volume, threshold: float, sources_mm: np.ndarray |
                       size: tuple[int, int] = (420, 420)) -> dict[str, np.ndarray]:
     """RGB uint8 images (rows, cols, 3), ``size = (cols, rows)``, of the surface μ = ``threshold``:
     AP, lateral and oblique close-ups, and, with ``sources_mm`` (n, 3) LPS, an overview with the
-    sources as small markers, their central rays and the ROI box.
+    sources as small markers, their central rays and the ROI box. Raises :class:`RenderUnavailable`
+    (with the reason) when VTK is absent or cannot render here."""
+    with BoneRender(volume, threshold, sources_mm, size) as render:
+        return render.images()
+
+
+class BoneRender:
+    """:func:`render_bone_views` started in the background; :meth:`images` waits for it.
 
     VTK renders in a child process: an OpenGL that is missing can end a process outright (VTK's
-    OSMesa window exits when libOSMesa is absent), and a reconstruction must survive that. Raises
-    :class:`RenderUnavailable` (with the reason) when VTK is absent or cannot render here."""
-    if importlib.util.find_spec("vtkmodules") is None:
-        raise RenderUnavailable('vtk is not installed (pip install "ixgs[render]")')
-    points, faces, normals = bone_surface(volume, threshold)
-    roi = volume.grid.roi
-    sources_mm = np.zeros((0, 3)) if sources_mm is None else np.asarray(sources_mm, float).reshape(-1, 3)
-    with tempfile.TemporaryDirectory(prefix="ixgs-render-") as folder:
-        scene, images = Path(folder) / "scene.npz", Path(folder) / "images.npz"
+    OSMesa window crashes when libOSMesa is absent), and a reconstruction must survive that. The
+    caller can draw other figures meanwhile. Use as a context manager (it stops the child and
+    removes its files)."""
+
+    def __init__(self, volume: Volume, threshold: float, sources_mm: np.ndarray | None = None,
+                 size: tuple[int, int] = (420, 420)):
+        if importlib.util.find_spec("vtkmodules") is None:
+            raise RenderUnavailable('vtk is not installed (pip install "ixgs[render]")')
+        points, faces, normals = bone_surface(volume, threshold)
+        roi = volume.grid.roi
+        sources_mm = np.zeros((0, 3)) if sources_mm is None else np.asarray(sources_mm, float).reshape(-1, 3)
+        self.folder = tempfile.TemporaryDirectory(prefix="ixgs-render-")
+        scene, self.output = Path(self.folder.name) / "scene.npz", Path(self.folder.name) / "images.npz"
         np.savez(scene, points=points, faces=faces, normals=normals, sources=sources_mm, roi_lower=roi.lower,
                  roi_upper=roi.upper, size=np.asarray(size, int))
         package_root = str(Path(__file__).resolve().parents[1])
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
+        self.child = subprocess.Popen([sys.executable, "-m", "ixgs.render3d", str(scene), str(self.output)], env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def images(self) -> dict[str, np.ndarray]:
         try:
-            child = subprocess.run([sys.executable, "-m", "ixgs.render3d", str(scene), str(images)], env=env,
-                                   capture_output=True, text=True, timeout=RENDER_TIMEOUT_S)
+            _, stderr = self.child.communicate(timeout=RENDER_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             raise RenderUnavailable(f"VTK did not finish rendering within {RENDER_TIMEOUT_S} s") from None
-        if child.returncode != 0 or not images.is_file():
-            raise RenderUnavailable(f"VTK could not render off-screen (exit status {child.returncode}): "
-                                    f"{_last_message(child.stderr)}")
-        with np.load(images) as stored:
+        if self.child.returncode != 0 or not self.output.is_file():
+            raise RenderUnavailable(f"VTK could not render off-screen (exit status {self.child.returncode}): "
+                                    f"{_last_message(stderr)}")
+        with np.load(self.output) as stored:
             names = [str(name) for name in stored["names"]]
             return {name: stored[f"image_{number}"] for number, name in enumerate(names)}
+
+    def __enter__(self) -> "BoneRender":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.child.poll() is None:
+            self.child.kill()
+            self.child.communicate()
+        self.folder.cleanup()
 
 
 def _last_message(stderr: str) -> str:
