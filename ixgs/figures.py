@@ -298,11 +298,10 @@ def loss_figure(report: dict) -> Figure | None:
             ax.axvline(x[-1], color="black", linestyle=":", linewidth=1.0)
             ax.text(x[-1], 0.5, f" stop: {stop} ", transform=ax.get_xaxis_transform(), rotation=90, ha="right",
                     va="center", fontsize=9)
-    if not stages and not rounds:
-        axes[0].text(0.02, 0.03, "stages and densification rounds not recorded in this report",
-                     transform=axes[0].transAxes, fontsize=8, color="gray")
-    if elapsed is None:
-        axes[0].set_title("wall time per iteration not recorded in this report", fontsize=9, color="gray")
+    missing = ([] if elapsed is not None else ["wall time per iteration"]) + \
+              ([] if stages or rounds else ["stages and densification rounds"])
+    if missing:
+        axes[0].set_title(" and ".join(missing) + " not recorded in this report", fontsize=9, color="gray")
     axes[-1].legend(fontsize=8, loc="lower left")
     return figure
 
