@@ -79,6 +79,7 @@ def test_reconstruct_writes_outputs_and_json_progress(tmp_path, tiny_scan, capsy
     assert Volume.read(out / "bone.nrrd").array.dtype == np.uint8
     coverage = Volume.read(out / "coverage.nrrd").array
     assert coverage.max() <= 4 and coverage.min() >= 0
+    assert (out / "report.html").is_file() and (out / "previews" / "slices_center.png").is_file()
 
 
 def test_evaluate_prints_metrics(tmp_path, capsys):

@@ -107,18 +107,20 @@ def _roi_argument(values):
 
 
 def reconstruct_to_folder(scan_path: Path, out_dir: Path, settings, bone_threshold: float | None,
-                          progress_mode: str) -> dict:
-    """Read a scan, reconstruct it and write the output folder; returns the report."""
+                          progress_mode: str, previews: bool = True) -> dict:
+    """Read a scan, reconstruct it and write the output folder (with figures and report.html unless
+    ``previews`` is false); returns the report."""
     from .output_folder import reserve
     from .outputs import KIND
 
     # Before minutes of work: the output may be written, and no other run writes it meanwhile.
     with reserve(out_dir, KIND, [scan_path, settings.checkpoint, settings.resume]):
-        return _reconstruct_to_reserved_folder(scan_path, out_dir, settings, bone_threshold, progress_mode)
+        return _reconstruct_to_reserved_folder(scan_path, out_dir, settings, bone_threshold, progress_mode,
+                                               previews)
 
 
 def _reconstruct_to_reserved_folder(scan_path: Path, out_dir: Path, settings, bone_threshold: float | None,
-                                    progress_mode: str) -> dict:
+                                    progress_mode: str, previews: bool) -> dict:
     from .outputs import write_outputs
     from .reconstruct import reconstruct
     from .scan import read_scan
@@ -149,7 +151,7 @@ def _reconstruct_to_reserved_folder(scan_path: Path, out_dir: Path, settings, bo
     if result.pose_corrections:
         report["pose_corrections"] = result.pose_corrections
     return write_outputs(out_dir, scan, result.volume, report, bone_threshold, result.reprojections,
-                         result.loss_curve)
+                         result.loss_curve, previews=previews)
 
 
 def _print_warnings(warnings: list[str]) -> None:
@@ -199,7 +201,8 @@ def _settings_from(args):
 def _cmd_reconstruct(args) -> int:
     from .volume import json_text
     settings = _settings_from(args)
-    report = reconstruct_to_folder(Path(args.scan), Path(args.output), settings, args.bone_threshold, args.progress)
+    report = reconstruct_to_folder(Path(args.scan), Path(args.output), settings, args.bone_threshold, args.progress,
+                                   previews=not args.no_previews)
     if args.progress != "json":
         print(json_text(_summary(report, args.output), indent=1))
     return 0
@@ -263,6 +266,14 @@ def _cmd_demo(args) -> int:
         (temporary / "metrics.json").write_text(json_text(summary, indent=1))
     print(json_text(summary, indent=1))
     print(f"previews: {out / 'reconstruction' / 'previews'}", file=sys.stderr)
+    print(f"report: {out / 'reconstruction' / 'report.html'}", file=sys.stderr)
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from .report_html import rebuild_report
+
+    print(str(rebuild_report(args.output)))
     return 0
 
 
@@ -421,7 +432,13 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--checkpoint", type=Path, help="file to save the training state to, periodically")
     rec.add_argument("--resume", type=Path, help="checkpoint to continue from")
     rec.add_argument("--progress", choices=("bar", "json", "none"), default="bar")
+    rec.add_argument("--no-previews", action="store_true",
+                     help="skip the figures (previews/) and report.html (saves a few seconds)")
     rec.set_defaults(run=_cmd_reconstruct)
+
+    rep = commands.add_parser("report", help="redraw the figures and report.html of an output folder")
+    rep.add_argument("output", help="an output folder of ixgs reconstruct")
+    rep.set_defaults(run=_cmd_report)
 
     ev = commands.add_parser("evaluate", help="3D PSNR, SSIM and bone Dice of a reconstruction against a reference")
     ev.add_argument("reconstruction")

@@ -1,26 +1,31 @@
 """What a reconstruction leaves on disk: volume, bone label, coverage, report, previews.
 
-One output folder, written atomically by :mod:`ixgs.output_folder`: ``volume.nrrd`` (float32, 1/mm,
-LPS), ``bone.nrrd`` (uint8 label, 1 = bone), ``coverage.nrrd`` (uint8: how many views see each
-voxel), ``report.json`` and ``previews/*.png``.
+One output folder, written atomically by :mod:`ixgs.output_folder`: ``volume.nrrd`` (float32, 1/mm, LPS), ``bone.nrrd``
+(uint8 label, 1 = bone), ``coverage.nrrd`` (uint8: how many views see each voxel),
+``report.json``, and (unless turned off) the figures ``previews/*.png`` and ``report.html``.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import os
+import time
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
-from skimage.draw import line as draw_line
 
 from .geometry import Grid, normalize_projection_matrix, sees
 from .metrics import evaluate, otsu_threshold
+from .report_html import write_report_html
 from .scan import Scan
 from .output_folder import output_folder
 from .volume import Volume, json_text, write_image
 
 KIND = "reconstruction"  # the output-folder kind (ixgs.output_folder)
+PREVIEWS = "previews"
+# What every reconstruction output holds besides its figures (previews/, report.html).
+OUTPUT_FILES = ("volume.nrrd", "bone.nrrd", "coverage.nrrd", "report.json")
 
 
 def bone_label(volume: Volume, threshold: float | None = None) -> tuple[Volume, float]:
@@ -67,11 +72,13 @@ def coverage_summary(coverage: Volume, n_views: int) -> dict:
 
 def write_outputs(out_dir: str | os.PathLike, scan: Scan, volume: Volume, report: dict,
                   bone_threshold: float | None = None, reprojections: dict[int, np.ndarray] | None = None,
-                  loss_curve: list[tuple[int, float]] | None = None) -> dict:
+                  loss_curve: list[tuple[int, float]] | None = None, previews: bool = True) -> dict:
     """Write the output folder atomically and return the completed report.
 
     ``report`` carries what the caller knows (settings, times); this adds the bone threshold,
-    coverage summary and, when the scan has a reference volume, the 3D metrics.
+    coverage summary and, when the scan has a reference volume, the 3D metrics. With ``previews``
+    it also draws the figures (``previews/``, :data:`FIGURES`) and ``report.html``, and records
+    their cost in seconds as ``previews_s``.
     """
     out_dir = Path(out_dir)
     bone, threshold = bone_label(volume, bone_threshold)
@@ -80,69 +87,79 @@ def write_outputs(out_dir: str | os.PathLike, scan: Scan, volume: Volume, report
     report["bone_threshold"] = threshold
     report["coverage"] = coverage_summary(coverage, len(scan.views))
     report["loss_curve"] = [[int(i), float(loss)] for i, loss in (loss_curve or [])]
-    if scan.reference_volume is not None:
-        report["metrics"] = evaluate(volume, Volume.read(scan.reference_volume))
+    reference = Volume.read(scan.reference_volume) if scan.reference_volume is not None else None
+    if reference is not None:
+        report["metrics"] = evaluate(volume, reference)
     with output_folder(out_dir, KIND, [scan.path]) as temporary:
         volume.write(temporary / "volume.nrrd")
         bone.write(temporary / "bone.nrrd")
         coverage.write(temporary / "coverage.nrrd")
-        _write_previews(temporary / "previews", volume, scan, reprojections, loss_curve or [])
+        if previews:
+            started = time.perf_counter()
+            notes = write_previews(temporary, volume, coverage, report, scan, reference, reprojections)
+            report["previews_s"] = time.perf_counter() - started
         (temporary / "report.json").write_text(json_text(report, indent=1))
+        if previews:
+            write_report_html(temporary, report, notes, scan, location=out_dir)
     return report
 
 
-def to_uint8(image: np.ndarray, low: float | None = None, high: float | None = None) -> np.ndarray:
-    """Window an image to 0..255 (default window: 0.5th to 99.5th percentile)."""
-    image = np.asarray(image, np.float64)
-    low = np.percentile(image, 0.5) if low is None else low
-    high = np.percentile(image, 99.5) if high is None else high
-    scaled = (image - low) / max(high - low, 1e-12)
-    return (255 * np.clip(scaled, 0, 1)).astype(np.uint8)
+# Figures in previews/, in the order report.html shows them, with their captions.
+FIGURES = {
+    "slices_center.png": "Axial, coronal and sagittal slices through the ROI centre",
+    "slices_bone.png": "Axial, coronal and sagittal slices through the densest bone",
+    "bone_3d.png": "3D bone surface and the X-ray sources",
+    "views.png": "Measured vs re-projected views, residuals and per-view PSNR",
+    "loss.png": "Training loss against iterations and wall time, with the stages",
+    "coverage.png": "Coverage: how many views see each voxel; under-constrained regions outlined",
+}
 
 
-def write_png(image: np.ndarray, path: Path) -> None:
-    write_image(sitk.GetImageFromArray(np.ascontiguousarray(image)), path, compress=False)
+def write_previews(out_dir: Path, volume: Volume, coverage: Volume, report: dict, scan: Scan | None = None,
+                   reference: Volume | None = None, reprojections: dict[int, np.ndarray] | None = None) -> dict:
+    """Draw the figures of :data:`FIGURES` into ``out_dir/previews`` (each PNG written atomically);
+    return, for each figure not drawn, why (report.html shows it). ``report`` gives the bone
+    threshold, coverage summary, loss curve, stages and stop reason; ``scan`` the X-ray sources and
+    measured views; ``reference`` (1/mm) the slices to compare with."""
+    try:
+        from . import figures, render3d
+    except ImportError as error:  # e.g. Slicer's Python before matplotlib is installed: keep the result
+        return {name: f"matplotlib is not installed ({error})" for name in FIGURES}
 
-
-def orthogonal_slices(volume: Volume) -> np.ndarray:
-    """Axial, coronal and sagittal slices through the centre, side by side, one window (uint8).
-
-    Rows are flipped where needed so that anterior is up in axial and superior is up in the others.
-    """
-    array = volume.array
-    nz, ny, nx = array.shape
-    axial = array[nz // 2]  # rows: y (posterior down in LPS index order, i.e. anterior up)
-    coronal = array[:, ny // 2, :][::-1]  # rows: z, flipped so superior is up
-    sagittal = array[:, :, nx // 2][::-1]
-    low, high = np.percentile(array, 0.5), np.percentile(array, 99.9)
-    height = max(axial.shape[0], coronal.shape[0], sagittal.shape[0])
-    tiles = [np.pad(to_uint8(s, low, high), ((0, height - s.shape[0]), (0, 4))) for s in (axial, coronal, sagittal)]
-    return np.concatenate(tiles, axis=1)
-
-
-def loss_curve_image(loss_curve: list[tuple[int, float]], size: tuple[int, int] = (200, 400)) -> np.ndarray:
-    """The loss (log scale) against iteration as a uint8 plot: white line on black."""
-    rows, cols = size
-    canvas = np.zeros(size, np.uint8)
-    if len(loss_curve) < 2:
-        return canvas
-    iterations = np.array([i for i, _ in loss_curve], float)
-    losses = np.log10(np.maximum([loss for _, loss in loss_curve], 1e-12))
-    x = (iterations - iterations.min()) / max(np.ptp(iterations), 1e-12) * (cols - 1)
-    y = (rows - 1) - (losses - losses.min()) / max(np.ptp(losses), 1e-12) * (rows - 1)
-    for x0, y0, x1, y1 in zip(x[:-1], y[:-1], x[1:], y[1:]):
-        rr, cc = draw_line(int(round(y0)), int(round(x0)), int(round(y1)), int(round(x1)))
-        canvas[rr, cc] = 255
-    return canvas
-
-
-def _write_previews(folder: Path, volume: Volume, scan: Scan, reprojections: dict[int, np.ndarray] | None,
-                    loss_curve: list[tuple[int, float]]) -> None:
-    folder.mkdir()
-    write_png(orthogonal_slices(volume), folder / "slices.png")
-    write_png(loss_curve_image(loss_curve), folder / "loss.png")
-    for index, reprojected in (reprojections or {}).items():
-        measured = scan.views[index].image
-        low, high = np.percentile(measured, 0.5), np.percentile(measured, 99.5)
-        pair = [to_uint8(measured, low, high), to_uint8(reprojected, low, high)]
-        write_png(np.concatenate(pair, axis=1), folder / f"view_{index:03d}.png")
+    folder = Path(out_dir) / PREVIEWS
+    folder.mkdir(exist_ok=True)
+    notes = {}
+    threshold = float(report["bone_threshold"])
+    sources = np.array([view.source for view in scan.views]) if scan is not None else None
+    with contextlib.ExitStack() as stack:
+        render = None  # the 3D view renders in a child process while the other figures are drawn
+        if volume.array.max() <= threshold:
+            notes["bone_3d.png"] = f"no voxel above the bone threshold {threshold:.4g} 1/mm"
+        else:
+            try:
+                render = stack.enter_context(render3d.BoneRender(volume, threshold, sources))
+            except render3d.RenderUnavailable as error:
+                notes["bone_3d.png"] = str(error)
+        center = figures.roi_center(volume)
+        figures.save_figure(figures.slices_figure(volume, center, "Through the ROI centre", reference),
+                            folder / "slices_center.png")
+        figures.save_figure(figures.slices_figure(volume, figures.densest_point(volume), "Through the densest bone",
+                                                  reference), folder / "slices_bone.png")
+        if reprojections and scan is not None:
+            figures.save_figure(figures.views_figure(scan, reprojections), folder / "views.png")
+        elif not (folder / "views.png").is_file():
+            notes["views.png"] = "re-projections come from the reconstruction run and are not stored"
+        loss = figures.loss_figure(report)
+        if loss is not None:
+            figures.save_figure(loss, folder / "loss.png")
+        else:
+            notes["loss.png"] = "fewer than 2 loss values in report.json (SART records none)"
+        summary = report["coverage"]
+        needed = summary.get("minimum_views", minimum_views(summary["views"]))
+        figures.save_figure(figures.coverage_figure(volume, coverage, needed, center), folder / "coverage.png")
+        if render is not None:
+            try:
+                figures.save_figure(figures.bone_3d_figure(render.images(), threshold), folder / "bone_3d.png")
+            except render3d.RenderUnavailable as error:
+                notes["bone_3d.png"] = str(error)
+    return notes
