@@ -91,6 +91,9 @@ def reconstruct_to_folder(scan_path: Path, out_dir: Path, settings, bone_thresho
                  "origin_mm": list(result.volume.origin)},
         "reprojection_psnr": result.reprojection_psnr,
         "peak_memory_mib": result.peak_memory,
+        "stages": result.stages,
+        "densification": result.densification,
+        "training_config": result.training_config,
     }
     if result.pose_corrections:
         report["pose_corrections"] = result.pose_corrections

@@ -80,7 +80,8 @@ def write_outputs(out_dir: str | os.PathLike, scan: Scan, volume: Volume, report
     report = dict(report)
     report["bone_threshold"] = threshold
     report["coverage"] = coverage_summary(coverage, len(scan.views))
-    report["loss_curve"] = [[int(i), float(loss)] for i, loss in (loss_curve or [])]
+    # Rows (iteration, loss[, elapsed s]).
+    report["loss_curve"] = [[int(row[0]), *(float(value) for value in row[1:])] for row in (loss_curve or [])]
     if scan.reference_volume is not None:
         report["metrics"] = evaluate(volume, Volume.read(scan.reference_volume))
     with atomic_path(out_dir) as temporary:
@@ -136,8 +137,8 @@ def loss_curve_image(loss_curve: list[tuple[int, float]], size: tuple[int, int] 
     canvas = np.zeros(size, np.uint8)
     if len(loss_curve) < 2:
         return canvas
-    iterations = np.array([i for i, _ in loss_curve], float)
-    losses = np.log10(np.maximum([loss for _, loss in loss_curve], 1e-12))
+    iterations = np.array([row[0] for row in loss_curve], float)
+    losses = np.log10(np.maximum([row[1] for row in loss_curve], 1e-12))
     x = (iterations - iterations.min()) / max(np.ptp(iterations), 1e-12) * (cols - 1)
     y = (rows - 1) - (losses - losses.min()) / max(np.ptp(losses), 1e-12) * (rows - 1)
     for x0, y0, x1, y1 in zip(x[:-1], y[:-1], x[1:], y[1:]):
