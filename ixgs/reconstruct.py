@@ -78,6 +78,9 @@ class ReconstructionSettings:
     refine_poses: bool = False
     # Views rendered per optimiser step (their losses averaged): more keeps a GPU busy.
     views_per_step: int = 1
+    # Views held out of the fit: their re-projection error picks the stopping point and the state
+    # returned (ixgs.training.held_out); 0: all views are fitted and the loss plateau stops the run.
+    held_out_views: int = 0
     # Stop once the loss stops falling, after densification (see GaussianTrainer.plateaued).
     stop_on_plateau: bool = True
     # Fused per-pair kernels through torch.compile: ~1.5-2x faster per iteration after a one-off
@@ -107,6 +110,8 @@ class ReconstructionSettings:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 bad(name, f"must be a positive integer, got {value!r}")
+        if not isinstance(self.held_out_views, int) or self.held_out_views < 0:
+            bad("held_out_views", f"must be a non-negative integer, got {self.held_out_views!r}")
         for name in ("voxel_size_mm", "time_budget_s", "memory_budget_mib"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
@@ -136,7 +141,7 @@ class Reconstruction:
     volume: Volume  # attenuation (1/mm) on the ROI grid, LPS
     settings: dict
     elapsed_s: float
-    stop_reason: str  # "completed", "time_budget" or "plateau"
+    stop_reason: str  # "completed", "time_budget", "plateau" or "held_out"
     loss_curve: list[tuple[int, float, float]] = field(default_factory=list)  # (iteration, loss, elapsed s)
     gaussians: int = 0
     device: str = "cpu"
@@ -152,6 +157,8 @@ class Reconstruction:
     stages: list[dict] = field(default_factory=list)
     # One row per densification round: {"iteration", "elapsed_s", "cloned", "split", "pruned", "total"}.
     densification: list[dict] = field(default_factory=list)
+    # With held-out views: which, their error at each measurement ([iteration, mean L1]) and the best one.
+    held_out: dict = field(default_factory=dict)
 
 
 def reprojected_views(n_views: int, count: int = 4) -> list[int]:
@@ -245,6 +252,7 @@ def reconstruct(scan: Scan, settings: ReconstructionSettings | None = None,
         training_config=config.to_dict() if trainer else {},
         stages=clock.stages,
         densification=trainer.densification if trainer else [],
+        held_out=trainer.held_out.report() if trainer and trainer.held_out else {},
     )
 
 

@@ -31,7 +31,9 @@ class TrainingConfig:
     tv_weight: float = 0.05
     tv_patch: int = 16  # voxels per side of the random TV patch
     tv_coarsening: int = 2  # TV grid spacing / support grid spacing
-    densify_every: int = 50  # steps
+    outer_tv_weight: float = 0.0  # TV of the whole outer volume, same units as the Gaussians' TV
+    densify_rounds: int = 10  # spread evenly over the densification window, however long the run
+    densify_every: int = 10  # steps, at least, between two rounds
     densify_from: float = 0.1  # fractions of the run
     densify_until: float = 0.6
     # Densify the Gaussians with the largest mean positional gradient: the top densify_fraction each
@@ -47,6 +49,10 @@ class TrainingConfig:
     pose_from: float = 0.1  # fraction of the run: poses move once the coarse shape has formed
     plateau_window: int = 50  # steps, at least
     plateau_tolerance: float = 0.002  # relative fall of the windowed mean loss below which the run stops
+    # With held-out views: their re-projection error (full resolution, mean L1) is measured every pass
+    # over the fitted views; the run stops once it has not improved for held_out_patience measurements
+    # after densification, and the best state is returned.
+    held_out_patience: int = 3
     warm_start_cells: int = 96  # voxels along the SART warm start's longest side
     warm_start_iterations: int = 2
     warm_start_budget_fraction: float = 0.25  # of a time budget, at most

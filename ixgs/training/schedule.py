@@ -79,7 +79,15 @@ class Schedule:
             if group["name"] in self.config.decayed_groups:
                 group["lr"] = group["initial_lr"] * decay
 
-    def densifies(self, fraction: float, iteration: int) -> bool:
-        """Whether step ``iteration`` (counted from 1) ends with a densification round."""
+    def densifies(self, fraction: float, iteration: int, last_round: int) -> bool:
+        """Whether step ``iteration`` (counted from 1) ends with a densification round, the last one
+        having ended step ``last_round`` (0: none yet): ``densify_rounds`` rounds spread over the
+        window of the run's expected length, at least ``densify_every`` steps apart."""
         config = self.config
-        return config.densify_from <= fraction <= config.densify_until and iteration % config.densify_every == 0
+        if not config.densify_from <= fraction <= config.densify_until:
+            return False
+        expected = self.iterations
+        if self.clock.budget_s is not None and fraction > 0:
+            expected = min(expected, iteration / fraction)
+        window = (config.densify_until - config.densify_from) * expected
+        return iteration - last_round >= max(config.densify_every, round(window / config.densify_rounds))

@@ -25,6 +25,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .clock import Clock
 from .config import PRESETS, TrainingConfig
 from .grids import OUTER_FACTOR, support_padding, surrounding_box
+from .held_out import HeldOutViews, held_out_indices
 from .initialisation import random_start, sart_start
 from .outer_volume import OuterVolume
 from .schedule import Schedule, resolution_levels
@@ -50,7 +51,8 @@ class GaussianTrainer:
         self.iterations = settings.iterations or preset["iterations"]
         self.max_gaussians = max(preset["max_gaussians"], settings.gaussians or 0)
         self.generator = torch.Generator().manual_seed(settings.seed)
-        self.levels = resolution_levels(scan, config, device)
+        with clock.stage("views"):
+            self.levels = resolution_levels(scan, config, device)
         self.schedule = Schedule(config, self.iterations, clock)
         self.loss_curve: list[tuple[int, float, float]] = []  # (iteration, loss, elapsed s)
         self.densification: list[dict] = []  # one row per round: iteration, elapsed s, counts
@@ -63,6 +65,9 @@ class GaussianTrainer:
         self.voxel_seconds: list[float] = []
         self.pixel_seconds: list[float] = []
         self.queue: list[int] = []  # views still to come in this pass
+        self.held_out = HeldOutViews(held_out_indices(len(scan.views), settings.held_out_views),
+                                     config.held_out_patience)
+        self.fit_views = [i for i in range(len(scan.views)) if i not in self.held_out.indices]
         self.memory_budget = None if settings.memory_budget_mib is None else int(settings.memory_budget_mib * 2**20)
         self.densified_until: int | None = None  # the step densification ended at
         self._level_stage: dict | None = None  # the clock's record of the level in progress
@@ -76,7 +81,8 @@ class GaussianTrainer:
         self.outer = OuterVolume(self.outer_grid, support, outer_values.to(device))
         self.poses = (PoseCorrections(len(scan.views), support.center, lever_mm=max(support.size) / 2).to(device)
                       if settings.refine_poses else None)
-        self.optimizer = self._optimizer()
+        with clock.stage("optimiser"):  # the first Adam of a process imports torch._dynamo: seconds
+            self.optimizer = self._optimizer()
         self.grad_accum = torch.zeros(len(self.model), device=device)
         self.seen = torch.zeros(len(self.model), device=device)
         if state is not None:
@@ -111,7 +117,7 @@ class GaussianTrainer:
             if self.clock.over_budget(reserve_s=self.final_stage_reserve_s()):
                 self.stop_reason = "time_budget"
                 break
-            if self.settings.stop_on_plateau and self.plateaued():
+            if self.settings.stop_on_plateau and not self.held_out and self.plateaued():
                 self.stop_reason = "plateau"
                 break
             it = self.iteration
@@ -128,6 +134,8 @@ class GaussianTrainer:
             views = self._next_views()
             visible = torch.zeros(len(self.model), dtype=torch.bool, device=self.device)
             loss = config.tv_weight * self._tv_loss()
+            if config.outer_tv_weight:
+                loss = loss + config.outer_tv_weight * total_variation_3d(self.outer.values * self.model.half_extent)
             rendering = time.perf_counter()
             for view in views:
                 pose = self._pose(view) if fraction >= config.pose_from else None
@@ -150,12 +158,41 @@ class GaussianTrainer:
             self.iteration = it + 1
             if fraction > config.densify_until and self.densified_until is None:
                 self.densified_until = self.iteration
-            if self.schedule.densifies(fraction, self.iteration):
+            if self.schedule.densifies(fraction, self.iteration,
+                                       self.densification[-1]["iteration"] if self.densification else 0):
                 self._densify()
+            if self.held_out and self.iteration % self._pass_steps() == 0:
+                self._measure_held_out(keep_best=index == len(self.levels) - 1)
+                if fraction > config.densify_until and self.held_out.stopped_improving():
+                    self.stop_reason = "held_out"
+                    self.clock.report("gaussian", self.iteration, self.iterations, self.last_loss)
+                    break
             if self.settings.checkpoint is not None and self.iteration % self.settings.checkpoint_every == 0:
                 self.save(self.settings.checkpoint)
             self.clock.report("gaussian", self.iteration, self.iterations, self.last_loss)
         self._end_level()
+        self._return_best_held_out_state()
+
+    def _pass_steps(self) -> int:
+        """Steps in one pass over the fitted views."""
+        return math.ceil(len(self.fit_views) / self.settings.views_per_step)
+
+    @torch.no_grad()
+    def _measure_held_out(self, keep_best: bool) -> None:
+        """Mean L1 of the held-out views at full resolution (their poses are not learned: none)."""
+        level = self.levels[-1]
+        errors = [(self.outer.project(level.rays[i]) + render(self.model, level.rays[i], memory_budget=self.memory_budget,
+                                                                compile=self.settings.compile)
+                   - level.images[i]).abs().mean() for i in self.held_out.indices]
+        self.held_out.record(self.iteration, float(torch.stack(errors).mean()), self.model, self.outer, keep_best)
+
+    def _return_best_held_out_state(self) -> None:
+        """End on the state the held-out views liked best, when the last measured one is worse."""
+        best = self.held_out.best
+        if best is None or self.held_out.evaluations[-1][1] <= best["error"]:
+            return
+        self.model = GaussianModel.from_state_dict(best["model"]).to(self.device)
+        self.outer.load_state_dict(best["outer"])
 
     def _count_step(self, seconds: float, first_at_level: bool) -> None:
         """Add a step to the schedule's clock; compilation (the first step at a level with compiled
@@ -204,7 +241,8 @@ class GaussianTrainer:
         views = []
         while len(views) < self.settings.views_per_step:
             if not self.queue:
-                self.queue = torch.randperm(len(self.scan.views), generator=self.generator).tolist()
+                order = torch.randperm(len(self.fit_views), generator=self.generator).tolist()
+                self.queue = [self.fit_views[i] for i in order]
             views.append(self.queue.pop(0))
         return views
 
@@ -214,7 +252,7 @@ class GaussianTrainer:
         ``plateau_tolerance`` of the window before. Single steps are too noisy (one view each)."""
         if self.densified_until is None:
             return False
-        passes = 2 * math.ceil(len(self.scan.views) / self.settings.views_per_step)
+        passes = 2 * self._pass_steps()
         window = max(passes, self.config.plateau_window)
         losses = [row[1] for row in self.loss_curve[self.densified_until:]]
         if len(losses) < 2 * window:
@@ -293,6 +331,7 @@ class GaussianTrainer:
             "loss_curve": [list(row) for row in self.loss_curve],
             "iteration_seconds": self.iteration_seconds[-20:],
             "training_s": self.training_s,
+            "held_out": self.held_out.state_dict(),
         })
 
     def _restore(self, state: dict) -> None:
@@ -310,3 +349,4 @@ class GaussianTrainer:
         self.loss_curve = [tuple(row) for row in state["loss_curve"]]
         self.iteration_seconds = list(state["iteration_seconds"])
         self.training_s = float(state["training_s"])
+        self.held_out.load_state_dict(state["held_out"])
