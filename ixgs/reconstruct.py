@@ -35,7 +35,7 @@ from .scan import Scan
 from .training.checkpoint import check_checkpoint_path, fingerprint
 # Progress, ReconstructionCancelled and PRESETS are part of this module's API; _binned is used by the benchmarks.
 from .training.clock import (CancelFlag, Clock, Progress, ProgressCallback, ReconstructionCancelled,  # noqa: F401
-                             effective_time_budget_s)
+                             effective_time_budget_s, threads_for_load)
 from .training.config import PRESETS, TrainingConfig
 from .training.grids import check_sources_outside, output_grid, support_padding
 from .training.grids import sart_grid as _sart_grid
@@ -207,6 +207,18 @@ def reconstruct(scan: Scan, settings: ReconstructionSettings | None = None,
     grid = reconstruction_grid(scan, settings)
     check_sources_outside(scan, grid.padded(support_padding(grid, settings.support_factor)).roi)
     budget_s = effective_time_budget_s(settings.time_budget_s, settings.iterations, device.type)
+    threads = torch.get_num_threads()
+    if budget_s is not None and device.type == "cpu":  # iteration-limited runs keep theirs: repeatable
+        torch.set_num_threads(threads_for_load(threads))
+    try:
+        return _reconstruct(scan, settings, device, grid, budget_s, config, start, progress, cancel)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _reconstruct(scan: Scan, settings: ReconstructionSettings, device: torch.device, grid: Grid,
+                 budget_s: float | None, config: TrainingConfig, start: float, progress: ProgressCallback | None,
+                 cancel: CancelFlag | None) -> Reconstruction:
     clock = Clock(start, budget_s, progress, cancel)
     probe = time.perf_counter()
     centers = torch.as_tensor(grid.voxel_centers(), dtype=torch.float32, device=device)
@@ -238,7 +250,8 @@ def reconstruct(scan: Scan, settings: ReconstructionSettings | None = None,
     return Reconstruction(
         volume=Volume.on_grid(volume.detach().cpu().numpy().astype(np.float32), grid),
         settings={**settings.to_dict(), "time_budget_s": budget_s,
-                  "time_budget_default": budget_s is not None and settings.time_budget_s is None},
+                  "time_budget_default": budget_s is not None and settings.time_budget_s is None,
+                  "cpu_threads": torch.get_num_threads()},
         elapsed_s=elapsed,
         stop_reason=trainer.stop_reason if trainer else ("time_budget" if clock.over_budget() else "completed"),
         loss_curve=trainer.loss_curve if trainer else [],

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -94,3 +95,16 @@ def effective_time_budget_s(time_budget_s: float | None, iterations: int | None,
     if iterations is not None:
         return None
     return DEFAULT_TIME_BUDGET_S.get(device_type, DEFAULT_TIME_BUDGET_S["cpu"])
+
+
+def threads_for_load(threads: int) -> int:
+    """CPU threads worth using now: ``threads``, at most the cores that other processes leave free
+    (by the load average over the last minute), at least 1. OpenMP threads that share a core with
+    another process wait at every barrier: on 2 cores with one taken, 2 threads made the final
+    voxelization many times slower than 1 (the README's demo ran 613 s of a 150 s budget)."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # not on every platform
+        return threads
+    cores = os.cpu_count() or threads
+    return max(1, min(threads, int(cores - load + 0.5)))

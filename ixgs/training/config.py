@@ -23,7 +23,8 @@ class TrainingConfig:
 
     # Adam learning rates per Gaussian parameter (normalised units, see ixgs.gaussians).
     learning_rates: dict[str, float] = field(default_factory=_learning_rates)
-    final_lr_fraction: float = 0.1  # every learning rate decays exponentially to this fraction over the run
+    final_lr_fraction: float = 0.1  # the decayed learning rates fall exponentially to this fraction over the run
+    # R2-Gaussian decays every group; measured (spine, 20 views of 96 px, 100 steps) that cost 0.4 dB here.
     decayed_groups: tuple[str, ...] = ("position", "outer", "poses")
     outer_lr: float = 5e-4  # 1/mm per step
     outer_cells: int = 40  # voxels along each side of the outer volume
@@ -32,8 +33,11 @@ class TrainingConfig:
     tv_patch: int = 16  # voxels per side of the random TV patch
     tv_coarsening: int = 2  # TV grid spacing / support grid spacing
     outer_tv_weight: float = 0.0  # TV of the whole outer volume, same units as the Gaussians' TV
-    densify_rounds: int = 10  # spread evenly over the densification window, however long the run
-    densify_every: int = 10  # steps, at least, between two rounds
+    # Rounds spread evenly over the densification window, however long the run (at least densify_every
+    # steps apart); None: a round every densify_every steps. Measured on spine, 20 views of 96 px, 100
+    # steps: 10 rounds cost 0.4 dB with today's split (and 3.7 dB with every learning rate decaying).
+    densify_rounds: int | None = None
+    densify_every: int = 50  # steps
     densify_from: float = 0.1  # fractions of the run
     densify_until: float = 0.6
     # Densify the Gaussians with the largest mean positional gradient: the top densify_fraction each

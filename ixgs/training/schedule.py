@@ -81,11 +81,14 @@ class Schedule:
 
     def densifies(self, fraction: float, iteration: int, last_round: int) -> bool:
         """Whether step ``iteration`` (counted from 1) ends with a densification round, the last one
-        having ended step ``last_round`` (0: none yet): ``densify_rounds`` rounds spread over the
-        window of the run's expected length, at least ``densify_every`` steps apart."""
+        having ended step ``last_round`` (0: none yet): every ``densify_every`` steps, or
+        ``densify_rounds`` rounds spread over the window of the run's expected length, at least
+        ``densify_every`` steps apart."""
         config = self.config
         if not config.densify_from <= fraction <= config.densify_until:
             return False
+        if config.densify_rounds is None:
+            return iteration % config.densify_every == 0
         expected = self.iterations
         if self.clock.budget_s is not None and fraction > 0:
             expected = min(expected, iteration / fraction)

@@ -71,6 +71,7 @@ class GaussianTrainer:
         self.memory_budget = None if settings.memory_budget_mib is None else int(settings.memory_budget_mib * 2**20)
         self.densified_until: int | None = None  # the step densification ended at
         self._level_stage: dict | None = None  # the clock's record of the level in progress
+        self._densified_since_measure = False
         state = load_checkpoint(settings.resume, device, self.fingerprint) if settings.resume is not None else None
         if state is not None:  # the warm start is not recomputed: the checkpoint holds its result
             model, outer_values = GaussianModel.from_state_dict(state["model"]).to(device), state["outer"]["values"]
@@ -121,6 +122,9 @@ class GaussianTrainer:
                 self.stop_reason = "plateau"
                 break
             it = self.iteration
+            if self.clock.budget_s is not None and (it % 50 == 0 or self._densified_since_measure):
+                self._measure_voxelization()
+                self._densified_since_measure = False
             started = time.perf_counter()
             fraction = self.schedule.fraction(it, self.training_s, self.final_stage_reserve_s())
             index = self.schedule.level_index(fraction, len(self.levels))
@@ -234,6 +238,7 @@ class GaussianTrainer:
                                    **{key: int(counts[key]) for key in ("cloned", "split", "pruned", "total")}})
         self.grad_accum = torch.zeros(len(self.model), device=self.device)
         self.seen = torch.zeros(len(self.model), device=self.device)
+        self._densified_since_measure = True
 
     def _next_views(self) -> list[int]:
         """The next ``views_per_step`` views from a stream of seeded permutations: every view once
@@ -291,25 +296,32 @@ class GaussianTrainer:
         size = [min(self.config.tv_patch, n) for n in shape]
         corner = [int(torch.randint(0, n - s + 1, (1,), generator=self.generator)) for n, s in zip(shape, size)]
         region = tuple(slice(c, c + s) for c, s in zip(corner, size))
-        started = time.perf_counter()
         patch = voxelize(self.model, self.tv_grid, region=region, memory_budget=self.memory_budget)
-        self._measure(self.voxel_seconds, time.perf_counter() - started, patch.numel())
         return total_variation_3d(patch * self.model.half_extent)
+
+    @torch.no_grad()
+    def _measure_voxelization(self) -> None:
+        """Time the final voxelization on a central block of the output grid (where the Gaussians are
+        densest): its cost per voxel, under the machine's current load, sizes the final stage."""
+        region = tuple(slice(max(n // 2 - 16, 0), max(n // 2 - 16, 0) + min(32, n)) for n in self.grid.shape)
+        started = time.perf_counter()
+        block = voxelize(self.model, self.grid, region=region, memory_budget=self.memory_budget)
+        self._measure(self.voxel_seconds, time.perf_counter() - started, block.numel())
 
     def final_stage_reserve_s(self, reprojected: int = 4) -> float:
         """Time kept back from the budget for the final voxelization, ``reprojected`` full-resolution
         re-projections and the outputs, estimated from this run's own measured costs (so it grows when
-        the machine is loaded), with a 50 % margin and two steps' worth for the step in flight.
+        the machine is loaded), with a 25 % margin and two steps' worth for the step in flight.
         Before anything is measured: ``final_stage_fraction`` of the budget."""
         if self.clock.budget_s is None:
             return 0.0
         if not (self.voxel_seconds and self.pixel_seconds and self.iteration_seconds):
             return self.config.final_stage_fraction * self.clock.budget_s
-        voxelize_s = max(self.voxel_seconds) * int(np.prod(self.grid.shape))
+        voxelize_s = self.voxel_seconds[-1] * int(np.prod(self.grid.shape))
         pixels = sum(self.levels[-1].images[i].numel() for i in range(min(reprojected, len(self.scan.views))))
         reproject_s = max(self.pixel_seconds) * pixels
         step_s = float(np.mean(self.iteration_seconds[-10:]))
-        return 1.5 * (voxelize_s + reproject_s + self.outputs_s) + 2.0 * step_s
+        return 1.25 * (voxelize_s + reproject_s + self.outputs_s) + 2.0 * step_s
 
     # ----- checkpoints ----------------------------------------------------------------------------
     def save(self, path) -> None:
