@@ -11,7 +11,7 @@ import torch
 from ixgs.cli import main
 from ixgs.reconstruct import ReconstructionSettings, reconstruct
 from ixgs.scan import read_scan
-from ixgs.training.clock import DEFAULT_TIME_BUDGET_S, Clock, effective_time_budget_s
+from ixgs.training.clock import DEFAULT_TIME_BUDGET_S, Clock, effective_time_budget_s, threads_for_load
 from ixgs.training.config import TrainingConfig
 from ixgs.training.held_out import HeldOutViews, held_out_indices
 from ixgs.training.schedule import Schedule
@@ -137,3 +137,8 @@ def test_default_run_gets_the_device_budget(small_knee_scan):
     result = reconstruct(scan, ReconstructionSettings(method="sart", voxel_size_mm=6.0, device="cpu"))
     assert result.settings["time_budget_s"] == DEFAULT_TIME_BUDGET_S["cpu"]
     assert result.settings["time_budget_default"] is True
+    assert 1 <= result.settings["cpu_threads"] <= max(torch.get_num_threads(), 1)
+
+
+def test_threads_follow_the_load():
+    assert 1 <= threads_for_load(8) <= 8 and threads_for_load(1) == 1
