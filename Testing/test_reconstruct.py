@@ -111,7 +111,7 @@ def test_checkpoint_and_resume(knee, tmp_path):
                                 checkpoint_every=10))
     assert checkpoint.is_file()
     resumed = reconstruct(scan, _settings(iterations=30, gaussians=1000, init="random", resume=checkpoint))
-    assert [i for i, _ in resumed.loss_curve] == list(range(30))  # 20 from the checkpoint, 10 more
+    assert [row[0] for row in resumed.loss_curve] == list(range(30))  # 20 from the checkpoint, 10 more
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a usable IXGS checkpoint"):
         reconstruct(scan, _settings(iterations=30, resume=tmp_path / "junk.pt"))
@@ -127,20 +127,21 @@ def test_run_stops_when_the_loss_plateaus(knee):
 
 def test_plateau_rule_and_view_stream(knee):
     """The plateau rule on given loss curves; several views per step still visit each view once per pass."""
-    from ixgs.reconstruct import _Clock, _GaussianTrainer, reconstruction_grid, support_padding
+    from ixgs.reconstruct import reconstruction_grid
+    from ixgs.training.clock import Clock
+    from ixgs.training.trainer import GaussianTrainer
 
     scan, _ = knee
     settings = _settings(gaussians=200, init="random", views_per_step=5)
     grid = reconstruction_grid(scan, settings)
-    trainer = _GaussianTrainer(scan, settings, grid.padded(support_padding(grid, 1.2)), torch.device("cpu"),
-                               _Clock(0.0, None, None, None))
+    trainer = GaussianTrainer(scan, settings, grid, torch.device("cpu"), Clock(0.0, None, None, None))
     steps = [trainer._next_views() for _ in range(12)]
     assert all(len(views) == 5 for views in steps)
     stream = sum(steps, [])  # 12 steps x 5 views = 5 passes over the 12 views
     assert all(sorted(stream[12 * k:12 * (k + 1)]) == list(range(12)) for k in range(5))
     assert stream[:12] != stream[12:24]  # a fresh order each pass
     trainer.densified_until = 0
-    window = trainer.PLATEAU_WINDOW
+    window = trainer.config.plateau_window
     trainer.loss_curve = [(i, 1.0) for i in range(2 * window)]
     assert trainer.plateaued()
     trainer.loss_curve = [(i, 1.0 - 0.01 * (i >= window)) for i in range(2 * window)]  # still falling 1 %

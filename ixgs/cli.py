@@ -147,7 +147,12 @@ def _reconstruct_to_reserved_folder(scan_path: Path, out_dir: Path, settings, bo
         "reprojection_psnr": result.reprojection_psnr,
         "peak_memory_mib": result.peak_memory,
         "warnings": scan.warnings,
+        "stages": result.stages,
+        "densification": result.densification,
+        "training_config": result.training_config,
     }
+    if result.held_out:
+        report["held_out"] = result.held_out
     if result.pose_corrections:
         report["pose_corrections"] = result.pose_corrections
     return write_outputs(out_dir, scan, result.volume, report, bone_threshold, result.reprojections,
@@ -170,7 +175,7 @@ def settings_arguments(settings) -> list[str]:
         if value is not None:
             args += [option, repr(float(value))]
     for option, value in (("--iterations", settings.iterations), ("--gaussians", settings.gaussians),
-                          ("--views-per-step", settings.views_per_step)):
+                          ("--views-per-step", settings.views_per_step), ("--held-out-views", settings.held_out_views)):
         if value is not None:
             args += [option, str(int(value))]
     if settings.refine_poses:
@@ -192,7 +197,7 @@ def _settings_from(args):
         init=args.init, device=args.device, seed=args.seed, time_budget_s=args.time_budget,
         gaussians=args.gaussians, roi=_roi_argument(args.roi), refine_poses=args.refine_poses,
         views_per_step=args.views_per_step, stop_on_plateau=not args.no_plateau_stop, compile=args.compile,
-        memory_budget_mib=args.memory_budget,
+        memory_budget_mib=args.memory_budget, held_out_views=args.held_out_views,
         checkpoint=args.checkpoint, resume=args.resume)
     settings.validate()
     return settings
@@ -258,8 +263,7 @@ def _cmd_demo(args) -> int:
         print(f"simulating a 20-view spine scan (seed {args.seed}) ...", file=sys.stderr)
         scan_dir = simulate_scan(make_phantom("spine", seed=args.seed), temporary / "scan", n_views=20,
                                  detector_px=128, seed=args.seed, roi=default_roi("spine"))
-        settings = ReconstructionSettings(preset="fast", seed=args.seed, time_budget_s=args.time_budget,
-                                          device=args.device)
+        settings = ReconstructionSettings(seed=args.seed, time_budget_s=args.time_budget, device=args.device)
         report = reconstruct_to_folder(scan_dir, temporary / "reconstruction", settings, None, "bar")
         summary = _summary(report, out / "reconstruction")
         summary["total_s"] = round(time.perf_counter() - started, 1)
@@ -380,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .reconstruct import DEVICES, INITS, METHODS, PRESETS, ReconstructionSettings
     from .scan import KIND as SCAN_KIND
     from .standardize.pairs_data import KIND as PAIRS_KIND
+    from .training.clock import DEFAULT_TIME_BUDGET_S
 
     defaults = ReconstructionSettings()
     parser = _Parser(prog="ixgs", description=__doc__.splitlines()[0])
@@ -389,7 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="simulate a phantom scan, reconstruct it, write previews and metrics")
     demo.add_argument("-o", "--output", default="ixgs-demo", help="output folder (default: ixgs-demo)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--time-budget", type=finite_float, default=150.0, help="seconds for the reconstruction")
+    demo.add_argument("--time-budget", type=finite_float,
+                      help="seconds for the reconstruction (default: as ixgs reconstruct, by device)")
     demo.add_argument("--device", choices=DEVICES, default=defaults.device)
     demo.set_defaults(run=_cmd_demo)
 
@@ -408,12 +414,17 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("-o", "--output", required=True)
     rec.add_argument("--method", choices=METHODS, default=defaults.method)
     rec.add_argument("--preset", choices=tuple(PRESETS), default=defaults.preset)
-    rec.add_argument("--iterations", type=int)
+    rec.add_argument("--iterations", type=int,
+                     help="a fixed count, repeatable (no default time budget then); default: the preset's, "
+                          "within the time budget")
     rec.add_argument("--voxel-size", type=finite_float, help="mm (default: ROI's longest side / 128)")
     rec.add_argument("--init", choices=INITS, default=defaults.init)
     rec.add_argument("--device", choices=DEVICES, default=defaults.device)
     rec.add_argument("--seed", type=int, default=defaults.seed)
-    rec.add_argument("--time-budget", type=finite_float, help="seconds; the result so far is returned when spent")
+    rec.add_argument("--time-budget", type=finite_float,
+                     help="wall seconds, final stage included; the result so far is returned when spent "
+                          "(default without --iterations: " + ", ".join(
+                              f"{seconds:g} on {device}" for device, seconds in DEFAULT_TIME_BUDGET_S.items()) + ")")
     rec.add_argument("--gaussians", type=int, help="initial number of Gaussians (default: the preset's)")
     rec.add_argument("--roi", type=finite_float, nargs=6, metavar=("CX", "CY", "CZ", "SX", "SY", "SZ"),
                      help="box to reconstruct, LPS mm (default: the scan's)")
@@ -422,6 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "report.json; on sparse views it recovers only part of a pose error (see the README)")
     rec.add_argument("--views-per-step", type=int, default=defaults.views_per_step,
                      help="views rendered per optimiser step (more keeps a GPU busy)")
+    rec.add_argument("--held-out-views", type=int, default=defaults.held_out_views, metavar="N",
+                     help="views left out of the fit whose re-projection error picks when to stop and the "
+                          "state returned (default %(default)s)")
     rec.add_argument("--no-plateau-stop", action="store_true",
                      help="run all iterations even when the loss has stopped falling")
     rec.add_argument("--compile", action="store_true",

@@ -155,7 +155,8 @@ def format_bytes(count: float) -> str:
 def reconstruction_needs(scan, settings) -> list[Need]:
     """What :func:`ixgs.reconstruct.reconstruct` will hold for ``settings`` on ``scan``: the output
     grid, SART's wider grid (method ``sart``) or the Gaussians and their pair-work budget."""
-    from .reconstruct import PRESETS, SART_VOXEL_FACTOR, surrounding_box
+    from .training.config import PRESETS
+    from .training.grids import SART_VOXEL_FACTOR, surrounding_box
 
     roi = settings.roi or scan.roi
     voxel = settings.voxel_size_mm or max(roi.size) / settings.default_grid_size
@@ -163,7 +164,7 @@ def reconstruction_needs(scan, settings) -> list[Need]:
     voxels = voxel_count(roi, voxel)
     needs = [Need(f"the {voxels:.3g}-voxel output grid ({voxel:.3g} mm voxels)", output_bytes(voxels), voxel_setting)]
     if settings.method == "sart":
-        # As reconstruct._sart_grid: the box around the ROI at SART_VOXEL_FACTOR x the output voxel.
+        # As training.grids.sart_grid: the box around the ROI at SART_VOXEL_FACTOR x the output voxel.
         box = surrounding_box(scan, roi, settings.sart_factor)
         sart_voxels = voxel_count(box, SART_VOXEL_FACTOR * voxel)
         what = (f"SART's {sart_voxels:.3g}-voxel grid ({settings.sart_factor:g} x the ROI, voxels "

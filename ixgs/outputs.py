@@ -86,7 +86,8 @@ def write_outputs(out_dir: str | os.PathLike, scan: Scan, volume: Volume, report
     report = dict(report)
     report["bone_threshold"] = threshold
     report["coverage"] = coverage_summary(coverage, len(scan.views))
-    report["loss_curve"] = [[int(i), float(loss)] for i, loss in (loss_curve or [])]
+    # Rows (iteration, loss[, elapsed s]).
+    report["loss_curve"] = [[int(row[0]), *(float(value) for value in row[1:])] for row in (loss_curve or [])]
     reference = Volume.read(scan.reference_volume) if scan.reference_volume is not None else None
     if reference is not None:
         report["metrics"] = evaluate(volume, reference)

@@ -12,14 +12,15 @@ intraoperative data on modest hardware:
   returned;
 * a wall-time budget that always returns the current result, a cancel flag, and checkpoints;
 * optionally, small per-view rigid pose corrections learned with the Gaussians (:mod:`ixgs.poses`).
+
+This module is the engine's entry point (settings, result, :func:`reconstruct`); the trainer itself
+lives in :mod:`ixgs.training`, one concept per module.
 """
 from __future__ import annotations
 
 import math
-import pickle
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,32 +28,28 @@ import numpy as np
 import torch
 
 from .gaussians import GaussianModel
-from .geometry import Grid, Roi, binning_matrix, view_rays
-from .losses import projection_loss, total_variation_3d
+from .geometry import Grid, Roi, view_rays
 from .metrics import psnr
-from .poses import PoseCorrections, transform_rays
 from .projector import forward_project, sample_volume
-from .sart import sart_reconstruct
 from .limits import check_memory, reconstruction_needs
 from .scan import Scan, check_roi, check_roi_seen
-from .splat import render
-from .volume import Volume, atomic_path
+from .training.checkpoint import check_checkpoint_path, fingerprint
+# Progress, ReconstructionCancelled and PRESETS are part of this module's API; _binned is used by the benchmarks.
+from .training.clock import (CancelFlag, Clock, Progress, ProgressCallback, ReconstructionCancelled,  # noqa: F401
+                             effective_time_budget_s, threads_for_load)
+from .training.config import PRESETS, TrainingConfig
+from .training.grids import check_sources_outside, output_grid, support_padding
+from .training.grids import sart_grid as _sart_grid
+from .training.initialisation import run_sart
+from .training.schedule import binned as _binned, binned_views  # noqa: F401
+from .training.trainer import GaussianTrainer
+from .volume import Volume
 from .voxelize import voxelize
 
+OUTPUTS_PER_PROBE = 20.0
 METHODS = ("gaussian", "sart")
 INITS = ("random", "sart")
 DEVICES = ("auto", "cpu", "cuda")
-
-# Per preset: iterations, initial Gaussians, cap on Gaussians.
-PRESETS = {
-    "fast": {"iterations": 400, "gaussians": 15_000, "max_gaussians": 60_000},
-    "standard": {"iterations": 1000, "gaussians": 30_000, "max_gaussians": 120_000},
-    "high": {"iterations": 3000, "gaussians": 50_000, "max_gaussians": 300_000},
-}
-
-
-class ReconstructionCancelled(RuntimeError):
-    """Raised when the cancel flag is set; nothing is returned or written."""
 
 
 @dataclass
@@ -67,6 +64,8 @@ class ReconstructionSettings:
     init: str = "sart"
     device: str = "auto"
     seed: int = 0
+    # Wall seconds; None: the device's default (training.clock.DEFAULT_TIME_BUDGET_S) unless
+    # ``iterations`` is given, then none.
     time_budget_s: float | None = None
     gaussians: int | None = None
     roi: Roi | None = None
@@ -80,7 +79,10 @@ class ReconstructionSettings:
     refine_poses: bool = False
     # Views rendered per optimiser step (their losses averaged): more keeps a GPU busy.
     views_per_step: int = 1
-    # Stop once the loss stops falling, after densification (see _GaussianTrainer.plateaued).
+    # Views held out of the fit: their re-projection error picks the stopping point and the state
+    # returned (ixgs.training.held_out); 0: all views are fitted and the loss plateau stops the run.
+    held_out_views: int = 0
+    # Stop once the loss stops falling, after densification (see GaussianTrainer.plateaued).
     stop_on_plateau: bool = True
     # Fused per-pair kernels through torch.compile: ~1.5-2x faster per iteration after a one-off
     # compilation of 7-30 s, so worth it for long runs; falls back to plain torch where it cannot work.
@@ -109,6 +111,8 @@ class ReconstructionSettings:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 bad(name, f"must be a positive integer, got {value!r}")
+        if not isinstance(self.held_out_views, int) or self.held_out_views < 0:
+            bad("held_out_views", f"must be a non-negative integer, got {self.held_out_views!r}")
         for name in ("voxel_size_mm", "time_budget_s", "memory_budget_mib"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
@@ -120,6 +124,12 @@ class ReconstructionSettings:
         for name in ("support_factor", "sart_factor"):
             if not getattr(self, name) >= 1.0:
                 bad(name, f"must be >= 1, got {getattr(self, name)!r}")
+        if self.checkpoint is not None:
+            problem = check_checkpoint_path(self.checkpoint)
+            if problem:
+                bad("checkpoint", problem)
+        if self.resume is not None and not Path(self.resume).is_file():
+            bad("resume", f"{self.resume}: file not found")
 
     def to_dict(self) -> dict:
         values = asdict(self)
@@ -130,24 +140,12 @@ class ReconstructionSettings:
 
 
 @dataclass
-class Progress:
-    """One progress report: ``stage`` is "sart", "gaussian" or "voxelize"."""
-
-    stage: str
-    iteration: int
-    total: int
-    loss: float
-    elapsed_s: float
-    eta_s: float
-
-
-@dataclass
 class Reconstruction:
     volume: Volume  # attenuation (1/mm) on the ROI grid, LPS
     settings: dict
     elapsed_s: float
-    stop_reason: str  # "completed", "time_budget" or "plateau"
-    loss_curve: list[tuple[int, float]] = field(default_factory=list)
+    stop_reason: str  # "completed", "time_budget", "plateau" or "held_out"
+    loss_curve: list[tuple[int, float, float]] = field(default_factory=list)  # (iteration, loss, elapsed s)
     gaussians: int = 0
     device: str = "cpu"
     model: GaussianModel | None = None
@@ -157,10 +155,13 @@ class Reconstruction:
     peak_memory: dict = field(default_factory=dict)  # MiB, see peak_memory_mib
     # With refine_poses: per view, the correction (PoseCorrections.report) and the corrected matrix.
     pose_corrections: list[dict] = field(default_factory=list)
-
-
-ProgressCallback = Callable[[Progress], None]
-CancelFlag = Callable[[], bool]
+    training_config: dict = field(default_factory=dict)  # the trainer's hyperparameters (TrainingConfig)
+    # Wall time of each stage: {"name", "start_s", "end_s"}, seconds since the start.
+    stages: list[dict] = field(default_factory=list)
+    # One row per densification round: {"iteration", "elapsed_s", "cloned", "split", "pruned", "total"}.
+    densification: list[dict] = field(default_factory=list)
+    # With held-out views: which, their error at each measurement ([iteration, mean L1]) and the best one.
+    held_out: dict = field(default_factory=dict)
 
 
 def reprojected_views(n_views: int, count: int = 4) -> list[int]:
@@ -192,74 +193,74 @@ def resolve_device(name: str) -> torch.device:
 
 def reconstruction_grid(scan: Scan, settings: ReconstructionSettings) -> Grid:
     """The output grid: the ROI tiled at the chosen voxel size (default: longest side 128 voxels)."""
-    roi = settings.roi or scan.roi
-    voxel = settings.voxel_size_mm or max(roi.size) / settings.default_grid_size
-    return roi.grid(voxel)
-
-
-def support_padding(grid: Grid, factor: float) -> tuple[int, int, int]:
-    """Voxels (x, y, z) to add on each side so the support is ``factor`` times the ROI."""
-    nx, ny, nz = grid.shape[::-1]
-    return tuple(int(round(n * (factor - 1.0) / 2.0)) for n in (nx, ny, nz))
-
-
-# The box modelled around the ROI (tissue outside it still attenuates every ray): OUTER_FACTOR times
-# the ROI's longest side, kept well clear of the X-ray sources.
-OUTER_FACTOR = 4.0
-SOURCE_CLEARANCE = 0.45  # of the distance from the ROI centre to the nearest source, per half side
-# SART reconstructs at SART_VOXEL_FACTOR times the output voxel, on its wider grid.
-SART_VOXEL_FACTOR = 1.5
-
-
-def surrounding_box(scan: Scan, roi: Roi, factor: float) -> Roi:
-    """A cube around ``roi`` (``factor`` x its longest side) that no X-ray source comes near."""
-    center = np.asarray(roi.center, float)
-    nearest = min(float(np.linalg.norm(view.source - center)) for view in scan.views)
-    side = min(factor * max(roi.size), 2 * SOURCE_CLEARANCE * nearest)
-    return Roi(roi.center, (max(side, *roi.size),) * 3)
+    return output_grid(scan, settings.roi, settings.voxel_size_mm, settings.default_grid_size)
 
 
 def reconstruct(scan: Scan, settings: ReconstructionSettings | None = None,
-                progress: ProgressCallback | None = None, cancel: CancelFlag | None = None) -> Reconstruction:
-    """Reconstruct the scan's ROI. Raises :class:`ReconstructionCancelled` when ``cancel()`` is true."""
+                progress: ProgressCallback | None = None, cancel: CancelFlag | None = None,
+                config: TrainingConfig | None = None) -> Reconstruction:
+    """Reconstruct the scan's ROI. Raises :class:`ReconstructionCancelled` when ``cancel()`` is true.
+
+    ``config``: the trainer's hyperparameters (default :class:`~ixgs.training.config.TrainingConfig`)."""
     settings = settings or ReconstructionSettings()
     settings.validate()
+    config = config or TrainingConfig()
     device = resolve_device(settings.device)
     check_memory(reconstruction_needs(scan, settings), device)  # before any grid is built
     if settings.roi is not None:
         scan.warnings.extend(check_roi_seen(scan.views, settings.roi, "setting 'roi'"))
     start = time.perf_counter()
     grid = reconstruction_grid(scan, settings)
-    support_grid = grid.padded(support_padding(grid, settings.support_factor))
-    _check_sources_outside(scan, support_grid.roi)
-    clock = _Clock(start, settings.time_budget_s, progress, cancel)
+    check_sources_outside(scan, grid.padded(support_padding(grid, settings.support_factor)).roi)
+    budget_s = effective_time_budget_s(settings.time_budget_s, settings.iterations, device.type)
+    threads = torch.get_num_threads()
+    if budget_s is not None and device.type == "cpu":  # iteration-limited runs keep theirs: repeatable
+        torch.set_num_threads(threads_for_load(threads))
+    try:
+        return _reconstruct(scan, settings, device, grid, budget_s, config, start, progress, cancel)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _reconstruct(scan: Scan, settings: ReconstructionSettings, device: torch.device, grid: Grid,
+                 budget_s: float | None, config: TrainingConfig, start: float, progress: ProgressCallback | None,
+                 cancel: CancelFlag | None) -> Reconstruction:
+    clock = Clock(start, budget_s, progress, cancel)
+    probe = time.perf_counter()
     centers = torch.as_tensor(grid.voxel_centers(), dtype=torch.float32, device=device)
+    # Writing the outputs (coverage, metrics, previews) costs about this many times building the voxel
+    # centres, on this machine under its current load (measured at 128^3: 8-19 x).
+    outputs_s = OUTPUTS_PER_PROBE * (time.perf_counter() - probe)
     if settings.method == "sart":
         sart_grid = _sart_grid(scan, grid, settings.sart_factor)
-        values = _sart(_binned_views(scan, 1), sart_grid, settings.iterations or 2, device, clock, settings.seed)
-        with torch.no_grad():
+        with clock.stage("sart"):
+            values = run_sart(binned_views(scan, 1), sart_grid, settings.iterations or 2, device, clock, settings.seed)
+        with torch.no_grad(), clock.stage("resample"):
             volume = sample_volume(values, sart_grid, centers)
+        with torch.no_grad(), clock.stage("reprojections"):
             reprojections = {index: forward_project(values, sart_grid, view_rays(
                 scan.views[index].projection_matrix, scan.views[index].shape, device=device))
                 for index in reprojected_views(len(scan.views))}
         trainer = None
-        loss_curve: list = []
     else:
-        trainer = _GaussianTrainer(scan, settings, support_grid, device, clock)
+        trainer = GaussianTrainer(scan, settings, grid, device, clock, config,
+                                  fingerprint(scan, grid, settings.to_dict(), config.to_dict()), outputs_s)
         trainer.run()
         clock.report("voxelize", 0, 1, trainer.last_loss)
-        with torch.no_grad():
+        with torch.no_grad(), clock.stage("voxelize"):
             volume = voxelize(trainer.model, grid, memory_budget=trainer.memory_budget).clamp(min=0)
-        reprojections = trainer.reprojections(reprojected_views(len(scan.views)))
-        loss_curve = trainer.loss_curve
+        with clock.stage("reprojections"):
+            reprojections = trainer.reprojections(reprojected_views(len(scan.views)))
     reprojections = {index: image.detach().cpu().numpy() for index, image in reprojections.items()}
     elapsed = time.perf_counter() - start
     return Reconstruction(
         volume=Volume.on_grid(volume.detach().cpu().numpy().astype(np.float32), grid),
-        settings=settings.to_dict(),
+        settings={**settings.to_dict(), "time_budget_s": budget_s,
+                  "time_budget_default": budget_s is not None and settings.time_budget_s is None,
+                  "cpu_threads": torch.get_num_threads()},
         elapsed_s=elapsed,
         stop_reason=trainer.stop_reason if trainer else ("time_budget" if clock.over_budget() else "completed"),
-        loss_curve=loss_curve,
+        loss_curve=trainer.loss_curve if trainer else [],
         gaussians=len(trainer.model) if trainer else 0,
         device=str(device),
         model=trainer.model if trainer else None,
@@ -267,6 +268,10 @@ def reconstruct(scan: Scan, settings: ReconstructionSettings | None = None,
         reprojection_psnr=_mean_psnr(reprojections, scan),
         peak_memory=peak_memory_mib(device),
         pose_corrections=trainer.pose_report() if trainer else [],
+        training_config=config.to_dict() if trainer else {},
+        stages=clock.stages,
+        densification=trainer.densification if trainer else [],
+        held_out=trainer.held_out.report() if trainer and trainer.held_out else {},
     )
 
 
@@ -277,366 +282,3 @@ def _mean_psnr(reprojections: dict[int, np.ndarray], scan: Scan) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
-def _sart_grid(scan: Scan, grid: Grid, factor: float) -> Grid:
-    """SART's grid: wide enough for most tissue the views cross, coarse enough to stay affordable."""
-    return surrounding_box(scan, grid.roi, factor).grid(SART_VOXEL_FACTOR * max(grid.spacing))
-
-
-def _check_sources_outside(scan: Scan, support: Roi) -> None:
-    for index, view in enumerate(scan.views):
-        if support.contains(view.source):
-            raise ValueError(f"view {index} ({view.name}): the X-ray source lies inside the reconstruction "
-                             "support; use a smaller ROI or support factor")
-
-
-class _Clock:
-    """Elapsed time, the budget, progress reports and the cancel flag, in one place."""
-
-    def __init__(self, start: float, budget_s: float | None, progress: ProgressCallback | None,
-                 cancel: CancelFlag | None):
-        self.start, self.budget_s, self.progress, self.cancel = start, budget_s, progress, cancel
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start
-
-    def over_budget(self, reserve_s: float = 0.0) -> bool:
-        return self.budget_s is not None and self.elapsed() + reserve_s >= self.budget_s
-
-    def check_cancel(self) -> None:
-        if self.cancel is not None and self.cancel():
-            raise ReconstructionCancelled("reconstruction cancelled")
-
-    def report(self, stage: str, iteration: int, total: int, loss: float) -> None:
-        self.check_cancel()
-        if self.progress is None:
-            return
-        elapsed = self.elapsed()
-        eta = elapsed / max(iteration, 1) * (total - iteration) if iteration else float("nan")
-        if self.budget_s is not None:
-            eta = min(eta, max(self.budget_s - elapsed, 0.0)) if math.isfinite(eta) else self.budget_s - elapsed
-        self.progress(Progress(stage, iteration, total, float(loss), elapsed, eta))
-
-
-def _sart(views: list[tuple[np.ndarray, np.ndarray]], grid: Grid, iterations: int, device: torch.device,
-          clock: _Clock, seed: int, budget_fraction: float = 1.0) -> torch.Tensor:
-    budget = None if clock.budget_s is None else max(clock.budget_s * budget_fraction - clock.elapsed(), 1e-3)
-    values = sart_reconstruct(
-        views, grid, iterations, device=device,
-        progress=lambda i, n, residual: clock.report("sart", i, n, residual),
-        cancel=clock.cancel, time_budget_s=budget, seed=seed)
-    clock.check_cancel()  # SART returns early on a cancel; the reconstruction must not go on
-    return values
-
-
-@dataclass
-class _Level:
-    """The views at one resolution: binned images and their rays."""
-
-    factor: int
-    images: list[torch.Tensor]
-    rays: list
-
-
-def _binned(image: np.ndarray, factor: int) -> np.ndarray:
-    """Mean over ``factor`` x ``factor`` blocks (a trailing partial block is dropped)."""
-    rows, cols = (s // factor * factor for s in image.shape)
-    blocks = image[:rows, :cols].reshape(rows // factor, factor, cols // factor, factor)
-    return blocks.mean(axis=(1, 3))
-
-
-def _binned_views(scan: Scan, factor: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(image, projection matrix) of every view, binned ``factor`` x ``factor``."""
-    return [(_binned(view.image, factor), binning_matrix(factor) @ view.projection_matrix) for view in scan.views]
-
-
-class _GaussianTrainer:
-    """Optimises Gaussians (and the coarse outer volume) against the views; see the module docstring."""
-
-    LEARNING_RATES = {"position": 2e-3, "scale": 5e-3, "rotation": 1e-3, "density": 2e-2}
-    FINAL_LR_FRACTION = 0.1
-    OUTER_LR = 5e-4  # 1/mm per step
-    OUTER_CELLS = 40  # voxels along each side of the outer volume
-    DSSIM_WEIGHT = 0.25
-    TV_WEIGHT = 0.05
-    TV_PATCH = 16  # voxels per side, on a grid twice as coarse as the output (cost grows with voxels per Gaussian)
-    TV_COARSENING = 2
-    DENSIFY_EVERY = 50
-    DENSIFY_FROM, DENSIFY_UNTIL = 0.1, 0.6  # fractions of the run
-    # Densify the Gaussians with the largest mean positional gradient: the top DENSIFY_FRACTION each
-    # round (gradients of all Gaussians are of one order here, so a fixed threshold clones all or none).
-    DENSIFY_FRACTION = 0.1
-    SPLIT_SCALE_FRACTION = 0.05
-    MIN_DENSITY = 2e-4  # 1/mm
-    MIN_LEVEL_PIXELS = 32
-    FINAL_STAGE_FRACTION = 0.15  # of a time budget, kept for the final voxelization and re-projections
-    POSE_LR = 0.1  # mm (and mm of arc at the ROI's half side) per step of the view's own Adam state
-    POSE_FROM = 0.1  # fraction of the run: poses move once the coarse shape has formed
-    PLATEAU_WINDOW = 50  # steps, at least
-    PLATEAU_TOLERANCE = 0.002  # relative fall of the windowed mean loss below which the run stops
-
-    def __init__(self, scan: Scan, settings: ReconstructionSettings, support_grid: Grid, device: torch.device,
-                 clock: _Clock):
-        self.scan, self.settings, self.device, self.clock = scan, settings, device, clock
-        self.support_grid = support_grid
-        support = support_grid.roi
-        self.tv_grid = support.grid(self.TV_COARSENING * max(support_grid.spacing))
-        outer = surrounding_box(scan, support, OUTER_FACTOR / settings.support_factor)
-        self.outer_grid = outer.grid(max(outer.size) / self.OUTER_CELLS)
-        # The outer volume stops where the Gaussians' support begins: one owner per region.
-        self.outer_mask = torch.as_tensor(~support.contains(self.outer_grid.voxel_centers()), dtype=torch.float32,
-                                          device=device)
-        preset = PRESETS[settings.preset]
-        self.iterations = settings.iterations or preset["iterations"]
-        self.max_gaussians = max(preset["max_gaussians"], settings.gaussians or 0)
-        self.generator = torch.Generator().manual_seed(settings.seed)
-        self.levels = self._levels()
-        self.loss_curve: list[tuple[int, float]] = []
-        self.last_loss = float("nan")
-        self.iteration = 0
-        self.stop_reason = "completed"
-        self.iteration_seconds: list[float] = []
-        self.queue: list[int] = []  # views still to come in this pass
-        self.memory_budget = None if settings.memory_budget_mib is None else int(settings.memory_budget_mib * 2**20)
-        self.densified_until: int | None = None  # the step densification ended at
-        self.model, outer_values = self._initial_state(preset)
-        self.outer = outer_values.to(device).requires_grad_(True)
-        self.poses = (PoseCorrections(len(scan.views), support.center, lever_mm=max(support.size) / 2).to(device)
-                      if settings.refine_poses else None)
-        self.optimizer = self._optimizer()
-        if settings.resume is not None:
-            self._load(settings.resume)
-
-    # ----- set-up ---------------------------------------------------------------------------------
-    def _levels(self) -> list[_Level]:
-        """Resolution levels, coarsest first: halving until the smaller image side nears 32 px."""
-        smallest = min(min(view.image.shape) for view in self.scan.views)
-        factors = [1]
-        while smallest // (factors[-1] * 2) >= self.MIN_LEVEL_PIXELS and len(factors) < 3:
-            factors.append(factors[-1] * 2)
-        levels = []
-        for factor in reversed(factors):
-            views = _binned_views(self.scan, factor)
-            levels.append(_Level(factor, [torch.as_tensor(image, dtype=torch.float32, device=self.device)
-                                          for image, _ in views],
-                                 [view_rays(matrix, image.shape, device=self.device) for image, matrix in views]))
-        return levels
-
-    def _initial_state(self, preset: dict) -> tuple[GaussianModel, torch.Tensor]:
-        """Gaussians in the support and the outer volume: from a coarse SART, or random and uniform."""
-        n = self.settings.gaussians or preset["gaussians"]
-        support = self.support_grid.roi
-        if self.settings.init == "sart":
-            sart_grid = self.outer_grid.roi.grid(max(self.outer_grid.roi.size) / 96)  # a warm start, not the answer
-            # Views binned 2 x 2 where that leaves a level's worth of pixels: on this coarse grid they
-            # lose little, and the warm start costs a quarter (it took a quarter of a 3-minute budget).
-            factor = 2 if self.levels[0].factor > 1 else 1
-            values = _sart(_binned_views(self.scan, factor), sart_grid, 2, self.device, self.clock, self.settings.seed,
-                           budget_fraction=0.25)
-            inner_grid = support.grid(max(sart_grid.spacing))
-            inner = sample_volume(values, sart_grid, torch.as_tensor(inner_grid.voxel_centers(), dtype=values.dtype,
-                                                                    device=values.device))
-            model = GaussianModel.from_volume(inner, inner_grid, n, self.generator, support=support)
-            outer = sample_volume(values, sart_grid, torch.as_tensor(self.outer_grid.voxel_centers(),
-                                                                     dtype=values.dtype, device=values.device))
-            return model.to(self.device), outer
-        # Uniform start at the mean attenuation the views imply: line integral / path length.
-        mean_path_mm = float(np.mean(self.outer_grid.roi.size))
-        mean_attenuation = float(np.mean([view.image.mean() for view in self.scan.views])) / mean_path_mm
-        mean_attenuation = max(mean_attenuation, 1e-3)
-        model = GaussianModel.random(support, n, self.generator, density=0.5 * mean_attenuation, device=self.device)
-        return model, torch.full(self.outer_grid.shape, mean_attenuation)
-
-    def _optimizer(self) -> torch.optim.Adam:
-        groups = self.model.parameter_groups(self.LEARNING_RATES)
-        groups.append({"params": [self.outer], "lr": self.OUTER_LR, "name": "outer"})
-        if self.poses is not None:
-            # One parameter per view: Adam skips the views without a gradient, so each view's
-            # correction moves only when that view is rendered.
-            groups.append({"params": list(self.poses.parameters()), "lr": self.POSE_LR, "name": "poses"})
-        for group in groups:
-            group["initial_lr"] = group["lr"]
-        return torch.optim.Adam(groups, eps=1e-15)
-
-    # ----- schedule -------------------------------------------------------------------------------
-    def _progress_fraction(self) -> float:
-        """How far the run is, 0..1: by iterations, or by the time budget when that ends it sooner.
-
-        The schedules (resolution levels, learning-rate decay, densification window) follow this, so
-        a run cut short by its budget still goes through all of them."""
-        fraction = self.iteration / self.iterations
-        if self.clock.budget_s is not None:
-            training_s = (1.0 - self.FINAL_STAGE_FRACTION) * self.clock.budget_s
-            fraction = max(fraction, self.clock.elapsed() / training_s)
-        return min(fraction, 1.0)
-
-    def _level_at(self, fraction: float) -> _Level:
-        """Coarse levels take the first 40 % of the run, equally; the finest the rest."""
-        coarse = self.levels[:-1]
-        index = int(fraction / 0.4 * len(coarse)) if coarse else 0
-        return self.levels[min(index, len(self.levels) - 1)]
-
-    def _set_learning_rates(self, fraction: float) -> None:
-        decay = self.FINAL_LR_FRACTION ** fraction
-        for group in self.optimizer.param_groups:
-            if group["name"] in ("position", "outer", "poses"):
-                group["lr"] = group["initial_lr"] * decay
-
-    # ----- the loop -------------------------------------------------------------------------------
-    def run(self) -> None:
-        grad_accum = torch.zeros(len(self.model), device=self.device)
-        seen = torch.zeros(len(self.model), device=self.device)
-        while self.iteration < self.iterations:
-            if self.clock.over_budget(reserve_s=self._voxelize_reserve_s()):
-                self.stop_reason = "time_budget"
-                break
-            if self.settings.stop_on_plateau and self.plateaued():
-                self.stop_reason = "plateau"
-                break
-            it = self.iteration
-            started = time.perf_counter()
-            fraction = self._progress_fraction()
-            level = self._level_at(fraction)
-            self._set_learning_rates(fraction)
-            self.optimizer.zero_grad(set_to_none=True)
-            views = self._next_views()
-            visible = torch.zeros(len(self.model), dtype=torch.bool, device=self.device)
-            loss = self.TV_WEIGHT * self._tv_loss()
-            for index in views:
-                pose = self._pose(index) if fraction >= self.POSE_FROM else None
-                rendered, radii = self._project(level.rays[index], pose)
-                loss = loss + projection_loss(rendered, level.images[index], self.DSSIM_WEIGHT) / len(views)
-                visible |= radii > 0
-            loss.backward()
-            with torch.no_grad():
-                grad_accum[visible] += self.model._position.grad[visible].norm(dim=1)
-                seen[visible] += 1
-            self.optimizer.step()
-            with torch.no_grad():
-                self.outer.clamp_(min=0.0)
-            if self.poses is not None:
-                self.poses.remove_common_motion()
-            self.last_loss = loss.item()
-            self.iteration_seconds.append(time.perf_counter() - started)
-            self.loss_curve.append((it, self.last_loss))
-            self.iteration = it + 1
-            if fraction > self.DENSIFY_UNTIL and self.densified_until is None:
-                self.densified_until = self.iteration
-            if self.DENSIFY_FROM <= fraction <= self.DENSIFY_UNTIL and self.iteration % self.DENSIFY_EVERY == 0:
-                mean_gradient = grad_accum / seen.clamp(min=1)
-                threshold = float(torch.quantile(mean_gradient, 1.0 - self.DENSIFY_FRACTION))
-                self.model.densify_and_prune(
-                    self.optimizer, mean_gradient, max(threshold, 1e-12), self.SPLIT_SCALE_FRACTION,
-                    self.MIN_DENSITY, self.max_gaussians, self.generator)
-                grad_accum = torch.zeros(len(self.model), device=self.device)
-                seen = torch.zeros(len(self.model), device=self.device)
-            if self.settings.checkpoint is not None and self.iteration % self.settings.checkpoint_every == 0:
-                self._save(self.settings.checkpoint)
-            self.clock.report("gaussian", self.iteration, self.iterations, self.last_loss)
-
-    def _next_views(self) -> list[int]:
-        """The next ``views_per_step`` views from a stream of seeded permutations: every view once
-        per pass, in a fresh random order each pass."""
-        views = []
-        while len(views) < self.settings.views_per_step:
-            if not self.queue:
-                self.queue = torch.randperm(len(self.scan.views), generator=self.generator).tolist()
-            views.append(self.queue.pop(0))
-        return views
-
-    def plateaued(self) -> bool:
-        """Whether the loss has stopped falling: since densification ended, the mean loss over the
-        last window (two passes over the views, at least PLATEAU_WINDOW steps) is within
-        PLATEAU_TOLERANCE of the window before. Single steps are too noisy (one view each)."""
-        if self.densified_until is None:
-            return False
-        passes = 2 * math.ceil(len(self.scan.views) / self.settings.views_per_step)
-        window = max(passes, self.PLATEAU_WINDOW)
-        losses = [loss for _, loss in self.loss_curve[self.densified_until:]]
-        if len(losses) < 2 * window:
-            return False
-        recent, before = np.mean(losses[-window:]), np.mean(losses[-2 * window:-window])
-        return bool(before - recent < self.PLATEAU_TOLERANCE * before)
-
-    def _project(self, rays, pose: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The view as the model sees it (Gaussians plus the outer volume) and the Gaussians' footprint radii."""
-        image, radii = render(self.model, rays, return_radii=True, pose=pose, memory_budget=self.memory_budget,
-                              compile=self.settings.compile)
-        return image + self._outer_projection(rays, pose), radii
-
-    def _pose(self, index: int) -> torch.Tensor | None:
-        """View ``index``'s learned rigid correction (4, 4), or None without pose refinement."""
-        return self.poses.matrix(index) if self.poses is not None else None
-
-    def _outer_projection(self, rays, pose: torch.Tensor | None = None) -> torch.Tensor:
-        """Line integrals through the outer volume (attenuation beyond the Gaussians' support)."""
-        if pose is not None:
-            rays = transform_rays(rays, pose)
-        return forward_project(self.outer * self.outer_mask, self.outer_grid, rays)
-
-    @torch.no_grad()
-    def reprojections(self, indices: list[int]) -> dict[int, torch.Tensor]:
-        """Views ``indices`` at full resolution as the model (with the outer volume) sees them."""
-        rays = self.levels[-1].rays
-        return {index: self._project(rays[index], self._pose(index))[0] for index in indices}
-
-    def pose_report(self) -> list[dict]:
-        """Per view: name, correction and corrected projection matrix; empty without refinement."""
-        if self.poses is None:
-            return []
-        return [{"view": view.name, **row, "projection_matrix": self.poses.corrected_matrix(
-                    index, view.projection_matrix).round(9).tolist()}
-                for index, (view, row) in enumerate(zip(self.scan.views, self.poses.report()))]
-
-    def _tv_loss(self) -> torch.Tensor:
-        """3D TV of a random patch of the support, in units of attenuation x half the support side
-        (R2-Gaussian's normalised scene), so the weight means what it means there."""
-        shape = self.tv_grid.shape
-        size = [min(self.TV_PATCH, n) for n in shape]
-        corner = [int(torch.randint(0, n - s + 1, (1,), generator=self.generator)) for n, s in zip(shape, size)]
-        region = tuple(slice(c, c + s) for c, s in zip(corner, size))
-        patch = voxelize(self.model, self.tv_grid, region=region, memory_budget=self.memory_budget)
-        return total_variation_3d(patch * self.model.half_extent)
-
-    def _voxelize_reserve_s(self) -> float:
-        """Time kept back from the budget for the final voxelization and re-projections: measured,
-        they take about 10-25 % of a 3-minute CPU budget at 128^3, plus a few iterations' worth."""
-        if self.clock.budget_s is None:
-            return 0.0
-        recent = self.iteration_seconds[-10:]
-        return self.FINAL_STAGE_FRACTION * self.clock.budget_s + 4.0 * (sum(recent) / len(recent) if recent else 0.0)
-
-    # ----- checkpoints ----------------------------------------------------------------------------
-    def _save(self, path: Path) -> None:
-        state = {
-            "iteration": self.iteration,
-            "model": self.model.state_dict(),
-            "outer": self.outer.detach().cpu(),
-            "poses": self.poses.state_dict() if self.poses is not None else None,
-            "optimizer": self.optimizer.state_dict(),
-            "generator": self.generator.get_state(),
-            "loss_curve": self.loss_curve,
-            "settings": self.settings.to_dict(),
-        }
-        with atomic_path(path) as temporary:
-            torch.save(state, temporary)
-
-    def _load(self, path: Path) -> None:
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"resume checkpoint {path}: file not found")
-        try:
-            state = torch.load(path, map_location=self.device, weights_only=False)
-            self.model = GaussianModel.from_state_dict(state["model"]).to(self.device)
-            with torch.no_grad():
-                self.outer.copy_(state["outer"])
-            if (state.get("poses") is not None) != (self.poses is not None):
-                raise ValueError("it was made with a different refine_poses setting")
-            if self.poses is not None:
-                self.poses.load_state_dict(state["poses"])
-            self.optimizer = self._optimizer()
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.generator.set_state(state["generator"])
-            self.iteration = int(state["iteration"])
-            self.loss_curve = [tuple(item) for item in state["loss_curve"]]
-        except (KeyError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as error:
-            raise ValueError(f"resume checkpoint {path}: not a usable IXGS checkpoint ({error})") from None
