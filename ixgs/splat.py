@@ -32,6 +32,7 @@ import torch
 
 from .gaussians import GaussianModel
 from .geometry import ViewRays
+from .kernels.choice import kernel_module, resolve_kernel
 from .pairs import box_pairs, clip_boxes
 
 # The per-Gaussian table is transposed, (16, N): delta = source - mean (3), S / det S (6),
@@ -271,7 +272,7 @@ def footprints(model: GaussianModel, projection_matrix: torch.Tensor, shape: tup
 
 def render(model: GaussianModel, rays: ViewRays, pair_budget: int | None = None, sigmas: float = 3.0,
            return_radii: bool = False, pose: torch.Tensor | None = None, *, memory_budget: int | None = None,
-           compile: bool = False):
+           compile: bool = False, kernel: str = "torch"):
     """Attenuation line integrals (rows, cols) of the model seen along ``rays``; differentiable.
 
     Each Gaussian contributes its exact cone-beam line integral to the pixels inside its projected
@@ -287,6 +288,10 @@ def render(model: GaussianModel, rays: ViewRays, pair_budget: int | None = None,
     case never holds more than that at once. ``compile=True`` runs the per-pair kernels through
     ``torch.compile`` (fused: ~2x faster, after a one-off compilation of tens of seconds); where that
     cannot work it falls back to the plain torch kernels, which are the reference.
+
+    ``kernel`` picks who evaluates the pairs (:func:`ixgs.kernels.choice.resolve_kernel`): "torch"
+    (the chunked pairs above, the reference), "numba" (CPU) or "triton" (CUDA), which never hold
+    pairs in memory (``pair_budget``, ``memory_budget`` and ``compile`` then do not apply), or "auto".
     """
     dtype, device = model.support_center.dtype, model.support_center.device
     shape = rays.shape
@@ -301,6 +306,11 @@ def render(model: GaussianModel, rays: ViewRays, pair_budget: int | None = None,
         pair_budget = chunk_pairs(device, dtype, budget)
     lower, extent, radius = footprints(model, P, shape, sigmas)
     table = gaussian_table(model, source, pose)
+    kernel = resolve_kernel(kernel, device)
+    if kernel != "torch":
+        image = kernel_module(kernel).LineIntegrals.apply(table, pixel_table(directions), lower, extent, shape)
+        image = image.reshape(shape)
+        return (image, radius) if return_radii else image
     # Half the budget may keep the pairs' indices for the backward pass (none is needed without one).
     keep_bytes = budget // 2 if torch.is_grad_enabled() and table.requires_grad else 0
     image = _LineIntegrals.apply(table, pixel_table(directions), lower, extent, shape, int(pair_budget),

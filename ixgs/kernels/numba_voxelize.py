@@ -1,0 +1,106 @@
+"""numba CPU kernels of the voxelizer: the Gaussians' field on a voxel block, with no pair tensors.
+
+Same inputs and math as :func:`ixgs.voxelize.voxelize` (the reference): a (10, M) per-Gaussian table
+(centre relative to the block origin, mm, x y z; the 6 coefficients of the inverse covariance on
+``[x^2, y^2, z^2, xy, yz, zx]``; the density, 1/mm) and each Gaussian's (z, y, x) voxel box.
+Forward: one run of Gaussians per thread into its own block buffer, buffers summed; backward: one
+Gaussian at a time over its box, gradients of its own table column only.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from numba import njit, prange
+
+from ..pairs import clip_boxes
+from .numba_splat import arrays, thread_buffers
+
+
+@njit(cache=True, inline="always")
+def _clipped_box(lower, extent, g, axis, n):
+    start = max(lower[g, axis], 0)
+    return start, max(min(lower[g, axis] + extent[g, axis], n), start)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _forward(table, lower, extent, nz, ny, nx, sx, sy, sz, bounds, buffers):
+    for run in prange(bounds.shape[0] - 1):
+        volume = buffers[run]
+        for g in range(bounds[run], bounds[run + 1]):
+            z0, z1 = _clipped_box(lower, extent, g, 0, nz)
+            y0, y1 = _clipped_box(lower, extent, g, 1, ny)
+            x0, x1 = _clipped_box(lower, extent, g, 2, nx)
+            m0, m1, m2 = table[0, g], table[1, g], table[2, g]
+            c0, c1, c2, c3, c4, c5 = table[3, g], table[4, g], table[5, g], table[6, g], table[7, g], table[8, g]
+            density = table[9, g]
+            for z in range(z0, z1):
+                oz = sz * z - m2
+                for y in range(y0, y1):
+                    oy = sy * y - m1
+                    q_yz = oy * (c1 * oy + c4 * oz) + c2 * oz * oz
+                    row = (z * ny + y) * nx
+                    for x in range(x0, x1):
+                        ox = sx * x - m0
+                        q = ox * (c0 * ox + c3 * oy + c5 * oz) + q_yz
+                        volume[row + x] += density * math.exp(-0.5 * q)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _backward(table, lower, extent, nz, ny, nx, sx, sy, sz, grad_volume, grad_table):
+    for g in prange(table.shape[1]):
+        z0, z1 = _clipped_box(lower, extent, g, 0, nz)
+        y0, y1 = _clipped_box(lower, extent, g, 1, ny)
+        x0, x1 = _clipped_box(lower, extent, g, 2, nx)
+        m0, m1, m2 = table[0, g], table[1, g], table[2, g]
+        c0, c1, c2, c3, c4, c5 = table[3, g], table[4, g], table[5, g], table[6, g], table[7, g], table[8, g]
+        density = table[9, g]
+        s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = s8 = s9 = 0.0
+        for z in range(z0, z1):
+            oz = sz * z - m2
+            for y in range(y0, y1):
+                oy = sy * y - m1
+                row = (z * ny + y) * nx
+                for x in range(x0, x1):
+                    ox = sx * x - m0
+                    q = ox * (c0 * ox + c3 * oy + c5 * oz) + oy * (c1 * oy + c4 * oz) + c2 * oz * oz
+                    weighted = grad_volume[row + x] * math.exp(-0.5 * q)
+                    gq = -0.5 * weighted * density  # d loss / d q
+                    # the offset is (voxel - centre): d q / d centre = -d q / d offset
+                    s0 -= gq * (2.0 * c0 * ox + c3 * oy + c5 * oz)
+                    s1 -= gq * (2.0 * c1 * oy + c3 * ox + c4 * oz)
+                    s2 -= gq * (2.0 * c2 * oz + c4 * oy + c5 * ox)
+                    s3 += gq * ox * ox
+                    s4 += gq * oy * oy
+                    s5 += gq * oz * oz
+                    s6 += gq * ox * oy
+                    s7 += gq * oy * oz
+                    s8 += gq * oz * ox
+                    s9 += weighted
+        grad_table[0, g], grad_table[1, g], grad_table[2, g] = s0, s1, s2
+        grad_table[3, g], grad_table[4, g], grad_table[5, g] = s3, s4, s5
+        grad_table[6, g], grad_table[7, g], grad_table[8, g] = s6, s7, s8
+        grad_table[9, g] = s9
+
+
+class VoxelSums(torch.autograd.Function):
+    """Flat block (nz * ny * nx,) of the Gaussians' field; gradient with respect to the (10, M) table."""
+
+    @staticmethod
+    def forward(ctx, table, lower, extent, shape, spacing):
+        t, lo, ext = arrays(table, lower, extent)
+        buffers, runs = thread_buffers(clip_boxes(lower, extent, shape)[1].prod(dim=1), math.prod(shape), t.dtype)
+        _forward(t, lo, ext, *shape, *spacing, runs, buffers)
+        ctx.save_for_backward(table, lower, extent)
+        ctx.shape, ctx.spacing = shape, spacing
+        return torch.from_numpy(buffers.sum(axis=0))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_volume):
+        table, lower, extent = ctx.saved_tensors
+        grad_table = torch.zeros_like(table)
+        _backward(*arrays(table, lower, extent), *ctx.shape, *ctx.spacing, *arrays(grad_volume.to(table.dtype)),
+                  grad_table.numpy())
+        return grad_table, None, None, None, None
