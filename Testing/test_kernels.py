@@ -8,18 +8,24 @@ defined; without CUDA that is the only way they run), so its cases are small.
 Tolerances: float64, only summation order differs: 1e-10 of the largest value; float32: 2e-5 of
 the peak forward, 2e-4 of the largest gradient (a few ulps per pair over ~100 pairs per pixel).
 """
+import json
 import os
 import warnings
 
+import numpy as np
 import pytest
 import torch
+from conftest import ring_of_matrices
 
 if not torch.cuda.is_available():  # decided when the Triton kernels are defined, i.e. at their import
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from ixgs.cli import _settings_from, build_parser, main, settings_arguments  # noqa: E402
 from ixgs.gaussians import GaussianModel  # noqa: E402
 from ixgs.geometry import Roi, view_rays  # noqa: E402
 from ixgs.kernels import choice  # noqa: E402
+from ixgs.reconstruct import ReconstructionSettings  # noqa: E402
+from ixgs.scan import write_scan  # noqa: E402
 from ixgs.simulate import c_arm_projection_matrix  # noqa: E402
 from ixgs.splat import render  # noqa: E402
 from ixgs.voxelize import voxelize  # noqa: E402
@@ -153,3 +159,23 @@ def test_numba_cache_goes_to_the_user_folder_when_the_package_is_read_only(monke
     monkeypatch.delenv("NUMBA_CACHE_DIR")
     choice._set_numba_cache_dir()
     assert "NUMBA_CACHE_DIR" not in os.environ
+
+
+def test_reconstruct_records_the_kernel_and_the_iteration_time(tmp_path):
+    images = [np.full((24, 30), 0.5, np.float32) for _ in range(4)]
+    for image in images:
+        image[8:16, 10:20] = 2.0
+    scan = write_scan(tmp_path / "scan", images, ring_of_matrices(4, shape=(24, 30), focal_px=90.0),
+                      roi=Roi((0.0, 0.0, 0.0), (40.0, 40.0, 40.0)))
+    kernel = "numba" if "numba" in AVAILABLE else "torch"
+    status = main(["reconstruct", str(scan), "-o", str(tmp_path / "out"), "--iterations", "4", "--gaussians", "300",
+                   "--voxel-size", "4", "--progress", "none", "--device", "cpu", "--kernel", kernel])
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert status == 0
+    assert report["kernel"] == report["settings"]["kernel"] == kernel
+    assert report["ms_per_iteration"] > 0
+    chosen = ReconstructionSettings(kernel="torch", device="cpu")
+    parsed = build_parser().parse_args(["reconstruct", "scan", "-o", "out", *settings_arguments(chosen)])
+    assert _settings_from(parsed) == chosen
+    with pytest.raises(ValueError, match="setting 'kernel'"):
+        ReconstructionSettings(kernel="cuda").validate()

@@ -91,6 +91,8 @@ def reconstruct_to_folder(scan_path: Path, out_dir: Path, settings, bone_thresho
                  "origin_mm": list(result.volume.origin)},
         "reprojection_psnr": result.reprojection_psnr,
         "peak_memory_mib": result.peak_memory,
+        "kernel": result.kernel,
+        "ms_per_iteration": _finite_or_none(result.ms_per_iteration),
     }
     if result.pose_corrections:
         report["pose_corrections"] = result.pose_corrections
@@ -103,7 +105,7 @@ def settings_arguments(settings) -> list[str]:
     how the Slicer module starts the engine in a background process."""
     settings.validate()
     args = ["--method", settings.method, "--preset", settings.preset, "--init", settings.init,
-            "--device", settings.device, "--seed", str(int(settings.seed))]
+            "--device", settings.device, "--seed", str(int(settings.seed)), "--kernel", settings.kernel]
     for option, value in (("--voxel-size", settings.voxel_size_mm), ("--time-budget", settings.time_budget_s),
                           ("--memory-budget", settings.memory_budget_mib)):
         if value is not None:
@@ -131,6 +133,7 @@ def _settings_from(args):
         init=args.init, device=args.device, seed=args.seed, time_budget_s=args.time_budget,
         gaussians=args.gaussians, roi=_roi_argument(args.roi), refine_poses=args.refine_poses,
         views_per_step=args.views_per_step, stop_on_plateau=not args.no_plateau_stop, compile=args.compile,
+        kernel=args.kernel,
         memory_budget_mib=args.memory_budget,
         checkpoint=args.checkpoint, resume=args.resume)
     settings.validate()
@@ -274,6 +277,7 @@ def _cmd_standardize(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .kernels.choice import KERNELS
     from .reconstruct import DEVICES, INITS, METHODS, PRESETS, ReconstructionSettings
 
     defaults = ReconstructionSettings()
@@ -320,7 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--no-plateau-stop", action="store_true",
                      help="run all iterations even when the loss has stopped falling")
     rec.add_argument("--compile", action="store_true",
-                     help="fused kernels via torch.compile: faster long runs after a one-off compilation")
+                     help="with --kernel torch: fused kernels via torch.compile, faster long runs after a one-off compilation")
+    rec.add_argument("--kernel", choices=KERNELS, default=defaults.kernel,
+                     help="pair kernels: auto (Triton on CUDA, numba on a CPU, else torch), torch (the reference), "
+                          "numba or triton")
     rec.add_argument("--memory-budget", type=float, metavar="MIB",
                      help="memory the Gaussian/pixel pair work may hold at once (default: a quarter of free memory)")
     rec.add_argument("--bone-threshold", type=float, help="1/mm (default: Otsu)")

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .gaussians import GaussianModel
+from .kernels.choice import KERNELS, resolve_kernel
 from .geometry import Grid, Roi, binning_matrix, view_rays
 from .losses import projection_loss, total_variation_3d
 from .metrics import psnr
@@ -84,6 +85,9 @@ class ReconstructionSettings:
     # Fused per-pair kernels through torch.compile: ~1.5-2x faster per iteration after a one-off
     # compilation of 7-30 s, so worth it for long runs; falls back to plain torch where it cannot work.
     compile: bool = False
+    # Who evaluates the Gaussian/pixel and Gaussian/voxel pairs (ixgs.kernels.choice): auto = Triton on
+    # CUDA, numba on a CPU (~10x plain torch), plain torch (the reference) where neither is installed.
+    kernel: str = "auto"
     # MiB the Gaussian/pixel pair work may hold at once (default: a quarter of the free memory, <= 4 GiB).
     memory_budget_mib: float | None = None
     checkpoint: Path | None = None
@@ -104,6 +108,9 @@ class ReconstructionSettings:
             bad("device", f"must be one of {DEVICES}, got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
             bad("device", "'cuda' was asked for but no CUDA device is available")
+        if self.kernel not in KERNELS:
+            bad("kernel", f"must be one of {KERNELS}, got {self.kernel!r}")
+        resolve_kernel(self.kernel, resolve_device(self.device))  # an explicit kernel that cannot run here
         for name in ("iterations", "gaussians", "checkpoint_every", "views_per_step"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -154,6 +161,8 @@ class Reconstruction:
     peak_memory: dict = field(default_factory=dict)  # MiB, see peak_memory_mib
     # With refine_poses: per view, the correction (PoseCorrections.report) and the corrected matrix.
     pose_corrections: list[dict] = field(default_factory=list)
+    kernel: str = "torch"  # the kernel that rendered and voxelized (method "gaussian")
+    ms_per_iteration: float = float("nan")  # median wall time of a training iteration
 
 
 ProgressCallback = Callable[[Progress], None]
@@ -243,7 +252,8 @@ def reconstruct(scan: Scan, settings: ReconstructionSettings | None = None,
         trainer.run()
         clock.report("voxelize", 0, 1, trainer.last_loss)
         with torch.no_grad():
-            volume = voxelize(trainer.model, grid, memory_budget=trainer.memory_budget).clamp(min=0)
+            volume = voxelize(trainer.model, grid, memory_budget=trainer.memory_budget,
+                              kernel=settings.kernel).clamp(min=0)
         reprojections = trainer.reprojections(reprojected_views(len(scan.views)))
         loss_curve = trainer.loss_curve
     reprojections = {index: image.detach().cpu().numpy() for index, image in reprojections.items()}
@@ -261,6 +271,9 @@ def reconstruct(scan: Scan, settings: ReconstructionSettings | None = None,
         reprojection_psnr=_mean_psnr(reprojections, scan),
         peak_memory=peak_memory_mib(device),
         pose_corrections=trainer.pose_report() if trainer else [],
+        kernel=resolve_kernel(settings.kernel, device) if trainer else "torch",
+        ms_per_iteration=1000 * float(np.median(trainer.iteration_seconds)) if trainer and trainer.iteration_seconds
+        else float("nan"),
     )
 
 
@@ -554,7 +567,7 @@ class _GaussianTrainer:
     def _project(self, rays, pose: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The view as the model sees it (Gaussians plus the outer volume) and the Gaussians' footprint radii."""
         image, radii = render(self.model, rays, return_radii=True, pose=pose, memory_budget=self.memory_budget,
-                              compile=self.settings.compile)
+                              compile=self.settings.compile, kernel=self.settings.kernel)
         return image + self._outer_projection(rays, pose), radii
 
     def _pose(self, index: int) -> torch.Tensor | None:
@@ -588,7 +601,8 @@ class _GaussianTrainer:
         size = [min(self.TV_PATCH, n) for n in shape]
         corner = [int(torch.randint(0, n - s + 1, (1,), generator=self.generator)) for n, s in zip(shape, size)]
         region = tuple(slice(c, c + s) for c, s in zip(corner, size))
-        patch = voxelize(self.model, self.tv_grid, region=region, memory_budget=self.memory_budget)
+        patch = voxelize(self.model, self.tv_grid, region=region, memory_budget=self.memory_budget,
+                         kernel=self.settings.kernel)
         return total_variation_3d(patch * self.model.half_extent)
 
     def _voxelize_reserve_s(self) -> float:
