@@ -18,11 +18,11 @@ import math
 
 import torch
 
-from .gaussians import GaussianModel
+from .gaussians import GaussianModel, quaternion_to_matrix
 from .geometry import Grid
 from .kernels.choice import kernel_module, resolve_kernel
 from .pairs import box_pairs, clip_boxes
-from .splat import chunk_pairs, symmetric6_from_eigen
+from .splat import chunk_pairs, quadratic_form6, symmetric6_from_eigen
 
 
 def _region_bounds(shape: tuple[int, int, int], region) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
@@ -71,13 +71,21 @@ def voxelize(model: GaussianModel, grid: Grid, pair_budget: int | None = None, r
     spacing = torch.as_tensor(grid.spacing, dtype=dtype, device=device)
     block_origin = origin + spacing * torch.as_tensor(start[::-1], dtype=dtype, device=device)
     blur = voxel_blur_mm2(grid) if voxel_average else 0.0
-    means, rotations, scales = model.means, model.rotations, model.scales
+    means, scales = model.means, model.scales
+    limit = torch.as_tensor(shape[::-1], dtype=dtype, device=device)
+    with torch.no_grad():
+        # Candidates: Gaussians whose sphere of sigmas x the largest (blurred) scale reaches the block;
+        # only their rotations are formed (for a TV patch, a few percent of the model).
+        reach = sigmas * (scales.max(dim=1).values ** 2 + blur).sqrt()[:, None]
+        near = ((means + reach >= block_origin) & (means - reach <= block_origin + spacing * (limit - 1))).all(dim=1)
+        candidates = torch.nonzero(near).squeeze(1)
+    means, scales = means.index_select(0, candidates), scales.index_select(0, candidates)
+    rotations = quaternion_to_matrix(model._rotation.index_select(0, candidates))
     with torch.no_grad():
         # Box half-sides (mm) along x, y, z: sigmas x the standard deviation along each axis.
         radius = sigmas * (((rotations * scales[:, None, :]) ** 2).sum(dim=2) + blur).sqrt()
         lower_xyz = torch.ceil((means - radius - block_origin) / spacing)
         upper_xyz = torch.floor((means + radius - block_origin) / spacing)
-        limit = torch.as_tensor(shape[::-1], dtype=dtype, device=device)
         lower_xyz = lower_xyz.clamp(min=-1.0).minimum(limit)
         upper_xyz = upper_xyz.clamp(min=-1.0).minimum(limit)
         lower = lower_xyz.flip(1).to(torch.int64)
@@ -88,9 +96,10 @@ def voxelize(model: GaussianModel, grid: Grid, pair_budget: int | None = None, r
     variances = scales ** 2 + blur
     # Per touching Gaussian: centre relative to the block origin (x, y, z; mm), the inverse blurred
     # covariance on [x^2, y^2, z^2, xy, yz, zx] and the density that keeps the mass.
+    densities = model.densities.index_select(0, candidates.index_select(0, touching))
     table = torch.cat([(means.index_select(0, touching) - block_origin).T,
                        symmetric6_from_eigen(rotations.index_select(0, touching), 1.0 / variances),
-                       (model.densities.index_select(0, touching) * (scales / variances.sqrt()).prod(dim=1))[None]])
+                       (densities * (scales / variances.sqrt()).prod(dim=1))[None]])
     kernel = resolve_kernel(kernel, device)
     if kernel != "torch":
         voxel_sums = kernel_module(kernel, "voxelize").VoxelSums
@@ -101,9 +110,7 @@ def voxelize(model: GaussianModel, grid: Grid, pair_budget: int | None = None, r
     for local, cell in box_pairs(lower, extent, shape, pair_budget):
         # Offsets (mm) of the voxel centres from the Gaussian centres, per axis x, y, z.
         x = [spacing[a] * cell[:, 2 - a] - table[a].index_select(0, local) for a in range(3)]
-        c = [row.index_select(0, local) for row in table[3:9]]
-        q = (c[0] * x[0]).addcmul(c[3], x[1]).mul(x[0]) + (c[1] * x[1]).addcmul(c[4], x[2]).mul(x[1]) \
-            + (c[2] * x[2]).addcmul(c[5], x[0]).mul(x[2])
+        q = quadratic_form6([row.index_select(0, local) for row in table[3:9]], x)
         flat = (cell[:, 0] * shape[1] + cell[:, 1]) * shape[2] + cell[:, 2]
         volume.index_add_(0, flat, table[9].index_select(0, local) * torch.exp(-0.5 * q))
     return volume.reshape(shape)

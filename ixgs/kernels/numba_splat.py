@@ -53,7 +53,8 @@ def thread_buffers(counts: torch.Tensor, cells: int, dtype) -> tuple[np.ndarray,
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _forward(table, pixels, lower, extent, rows, cols, bounds, buffers):
+def _forward(table, pixels, lower, extent, rows, cols, bounds, buffers, constants):
+    half = constants[0]
     for run in prange(bounds.shape[0] - 1):
         image = buffers[run]
         for g in range(bounds[run], bounds[run + 1]):
@@ -70,11 +71,12 @@ def _forward(table, pixels, lower, extent, rows, cols, bounds, buffers):
                     e2 = t0 * d1 - t1 * d0
                     q = e0 * (t3 * e0 + t6 * e1) + e1 * (t4 * e1 + t7 * e2) + e2 * (t5 * e2 + t8 * e0)
                     a = d0 * (t9 * d0 + t12 * d1) + d1 * (t10 * d1 + t13 * d2) + d2 * (t11 * d2 + t14 * d0)
-                    image[p] += peak * math.exp(-0.5 * q / a) / math.sqrt(a)
+                    image[p] += peak * math.exp(-half * q / a) / math.sqrt(a)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _backward(table, pixels, lower, extent, rows, cols, grad_image, grad_table):
+def _backward(table, pixels, lower, extent, rows, cols, grad_image, grad_table, constants):
+    half, one, two = constants[0], constants[1], constants[2]
     for g in prange(table.shape[1]):
         r0, r1, c0, c1 = _clipped_box(lower, extent, g, rows, cols)
         if r1 == r0 or c1 == c0:
@@ -83,6 +85,7 @@ def _backward(table, pixels, lower, extent, rows, cols, grad_image, grad_table):
         t3, t4, t5, t6, t7, t8 = table[3, g], table[4, g], table[5, g], table[6, g], table[7, g], table[8, g]
         t9, t10, t11, t12, t13, t14 = table[9, g], table[10, g], table[11, g], table[12, g], table[13, g], table[14, g]
         peak = table[15, g]
+        # float64 sums of the table-precision terms: a footprint has up to ~10^5 pixels
         s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = s8 = s9 = s10 = s11 = s12 = s13 = s14 = s15 = 0.0
         for r in range(r0, r1):
             for p in range(r * cols + c0, r * cols + c1):
@@ -92,15 +95,15 @@ def _backward(table, pixels, lower, extent, rows, cols, grad_image, grad_table):
                 e2 = t0 * d1 - t1 * d0
                 q = e0 * (t3 * e0 + t6 * e1) + e1 * (t4 * e1 + t7 * e2) + e2 * (t5 * e2 + t8 * e0)
                 a = d0 * (t9 * d0 + t12 * d1) + d1 * (t10 * d1 + t13 * d2) + d2 * (t11 * d2 + t14 * d0)
-                unit = math.exp(-0.5 * q / a) / math.sqrt(a)
+                unit = math.exp(-half * q / a) / math.sqrt(a)
                 weighted = grad_image[p] * unit
                 gq = weighted * peak / a  # -2 d loss / d q
-                ga = 0.5 * (q / a - 1.0) * gq  # d loss / d a
-                gq *= -0.5
+                ga = half * (q / a - one) * gq  # d loss / d a
+                gq *= -half
                 # d q / d e = 2 (S / det S) e (off-diagonal coefficients are stored doubled).
-                ge0 = (2.0 * t3 * e0 + t6 * e1 + t8 * e2) * gq
-                ge1 = (2.0 * t4 * e1 + t6 * e0 + t7 * e2) * gq
-                ge2 = (2.0 * t5 * e2 + t7 * e1 + t8 * e0) * gq
+                ge0 = (two * t3 * e0 + t6 * e1 + t8 * e2) * gq
+                ge1 = (two * t4 * e1 + t6 * e0 + t7 * e2) * gq
+                ge2 = (two * t5 * e2 + t7 * e1 + t8 * e0) * gq
                 s0 += d1 * ge2 - d2 * ge1  # d x grad_e
                 s1 += d2 * ge0 - d0 * ge2
                 s2 += d0 * ge1 - d1 * ge0
@@ -125,6 +128,11 @@ def _backward(table, pixels, lower, extent, rows, cols, grad_image, grad_table):
         grad_table[15, g] = s15
 
 
+def constants(dtype) -> np.ndarray:
+    """0.5, 1 and 2 in the table's precision: Python float literals would turn float32 math into float64."""
+    return np.array([0.5, 1.0, 2.0], dtype=dtype)
+
+
 def arrays(*tensors) -> list[np.ndarray]:
     """numpy views of CPU tensors (copies only where a tensor is not contiguous)."""
     return [tensor.detach().contiguous().numpy() for tensor in tensors]
@@ -138,7 +146,7 @@ class LineIntegrals(torch.autograd.Function):
         rows, cols = shape
         t, d, lo, ext = arrays(table, pixels, lower, extent)
         buffers, runs = thread_buffers(clip_boxes(lower, extent, shape)[1].prod(dim=1), rows * cols, t.dtype)
-        _forward(t, d, lo, ext, rows, cols, runs, buffers)
+        _forward(t, d, lo, ext, rows, cols, runs, buffers, constants(t.dtype))
         ctx.save_for_backward(table, pixels, lower, extent)
         ctx.shape = shape
         return torch.from_numpy(buffers.sum(axis=0))
@@ -148,6 +156,6 @@ class LineIntegrals(torch.autograd.Function):
     def backward(ctx, grad_image):
         table, pixels, lower, extent = ctx.saved_tensors
         grad_table = torch.zeros_like(table)
-        _backward(*arrays(table, pixels, lower, extent), *ctx.shape, *arrays(grad_image.to(table.dtype)),
-                  grad_table.numpy())
+        t, d, lo, ext, grad = arrays(table, pixels, lower, extent, grad_image.to(table.dtype))
+        _backward(t, d, lo, ext, *ctx.shape, grad, grad_table.numpy(), constants(t.dtype))
         return grad_table, None, None, None, None

@@ -15,7 +15,7 @@ import torch
 from numba import njit, prange
 
 from ..pairs import clip_boxes
-from .numba_splat import arrays, thread_buffers
+from .numba_splat import arrays, constants, thread_buffers
 
 
 @njit(cache=True, inline="always")
@@ -25,7 +25,8 @@ def _clipped_box(lower, extent, g, axis, n):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _forward(table, lower, extent, nz, ny, nx, sx, sy, sz, bounds, buffers):
+def _forward(table, lower, extent, nz, ny, nx, sx, sy, sz, bounds, buffers, constants):
+    half = constants[0]
     for run in prange(bounds.shape[0] - 1):
         volume = buffers[run]
         for g in range(bounds[run], bounds[run + 1]):
@@ -44,11 +45,12 @@ def _forward(table, lower, extent, nz, ny, nx, sx, sy, sz, bounds, buffers):
                     for x in range(x0, x1):
                         ox = sx * x - m0
                         q = ox * (c0 * ox + c3 * oy + c5 * oz) + q_yz
-                        volume[row + x] += density * math.exp(-0.5 * q)
+                        volume[row + x] += density * math.exp(-half * q)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _backward(table, lower, extent, nz, ny, nx, sx, sy, sz, grad_volume, grad_table):
+def _backward(table, lower, extent, nz, ny, nx, sx, sy, sz, grad_volume, grad_table, constants):
+    half, two = constants[0], constants[2]
     for g in prange(table.shape[1]):
         z0, z1 = _clipped_box(lower, extent, g, 0, nz)
         y0, y1 = _clipped_box(lower, extent, g, 1, ny)
@@ -65,12 +67,12 @@ def _backward(table, lower, extent, nz, ny, nx, sx, sy, sz, grad_volume, grad_ta
                 for x in range(x0, x1):
                     ox = sx * x - m0
                     q = ox * (c0 * ox + c3 * oy + c5 * oz) + oy * (c1 * oy + c4 * oz) + c2 * oz * oz
-                    weighted = grad_volume[row + x] * math.exp(-0.5 * q)
-                    gq = -0.5 * weighted * density  # d loss / d q
+                    weighted = grad_volume[row + x] * math.exp(-half * q)
+                    gq = -half * weighted * density  # d loss / d q
                     # the offset is (voxel - centre): d q / d centre = -d q / d offset
-                    s0 -= gq * (2.0 * c0 * ox + c3 * oy + c5 * oz)
-                    s1 -= gq * (2.0 * c1 * oy + c3 * ox + c4 * oz)
-                    s2 -= gq * (2.0 * c2 * oz + c4 * oy + c5 * ox)
+                    s0 -= gq * (two * c0 * ox + c3 * oy + c5 * oz)
+                    s1 -= gq * (two * c1 * oy + c3 * ox + c4 * oz)
+                    s2 -= gq * (two * c2 * oz + c4 * oy + c5 * ox)
                     s3 += gq * ox * ox
                     s4 += gq * oy * oy
                     s5 += gq * oz * oz
@@ -91,7 +93,7 @@ class VoxelSums(torch.autograd.Function):
     def forward(ctx, table, lower, extent, shape, spacing):
         t, lo, ext = arrays(table, lower, extent)
         buffers, runs = thread_buffers(clip_boxes(lower, extent, shape)[1].prod(dim=1), math.prod(shape), t.dtype)
-        _forward(t, lo, ext, *shape, *spacing, runs, buffers)
+        _forward(t, lo, ext, *shape, *(t.dtype.type(h) for h in spacing), runs, buffers, constants(t.dtype))
         ctx.save_for_backward(table, lower, extent)
         ctx.shape, ctx.spacing = shape, spacing
         return torch.from_numpy(buffers.sum(axis=0))
@@ -101,6 +103,7 @@ class VoxelSums(torch.autograd.Function):
     def backward(ctx, grad_volume):
         table, lower, extent = ctx.saved_tensors
         grad_table = torch.zeros_like(table)
-        _backward(*arrays(table, lower, extent), *ctx.shape, *ctx.spacing, *arrays(grad_volume.to(table.dtype)),
-                  grad_table.numpy())
+        t, lo, ext, grad = arrays(table, lower, extent, grad_volume.to(table.dtype))
+        _backward(t, lo, ext, *ctx.shape, *(t.dtype.type(h) for h in ctx.spacing), grad, grad_table.numpy(),
+                  constants(t.dtype))
         return grad_table, None, None, None, None
