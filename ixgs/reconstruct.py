@@ -578,7 +578,7 @@ class _GaussianTrainer:
         """Line integrals through the outer volume (attenuation beyond the Gaussians' support)."""
         if pose is not None:
             rays = transform_rays(rays, pose)
-        return forward_project(self.outer * self.outer_mask, self.outer_grid, rays)
+        return forward_project(self.outer * self.outer_mask, self.outer_grid, rays, kernel=self.settings.kernel)
 
     @torch.no_grad()
     def reprojections(self, indices: list[int]) -> dict[int, torch.Tensor]:
