@@ -19,9 +19,11 @@ from .numba_splat import arrays, constants, thread_buffers
 
 
 @njit(cache=True, inline="always")
-def _clipped_box(lower, extent, g, axis, n):
-    start = max(lower[g, axis], 0)
-    return start, max(min(lower[g, axis] + extent[g, axis], n), start)
+def _clipped_box(lower, extent, g, nz, ny, nx):
+    """(start, stop) along z, y and x of Gaussian ``g``'s box inside the block."""
+    z0, y0, x0 = max(lower[g, 0], 0), max(lower[g, 1], 0), max(lower[g, 2], 0)
+    return (z0, max(min(lower[g, 0] + extent[g, 0], nz), z0), y0, max(min(lower[g, 1] + extent[g, 1], ny), y0),
+            x0, max(min(lower[g, 2] + extent[g, 2], nx), x0))
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -30,9 +32,7 @@ def _forward(table, lower, extent, nz, ny, nx, sx, sy, sz, bounds, buffers, cons
     for run in prange(bounds.shape[0] - 1):
         volume = buffers[run]
         for g in range(bounds[run], bounds[run + 1]):
-            z0, z1 = _clipped_box(lower, extent, g, 0, nz)
-            y0, y1 = _clipped_box(lower, extent, g, 1, ny)
-            x0, x1 = _clipped_box(lower, extent, g, 2, nx)
+            z0, z1, y0, y1, x0, x1 = _clipped_box(lower, extent, g, nz, ny, nx)
             m0, m1, m2 = table[0, g], table[1, g], table[2, g]
             c0, c1, c2, c3, c4, c5 = table[3, g], table[4, g], table[5, g], table[6, g], table[7, g], table[8, g]
             density = table[9, g]
@@ -52,9 +52,7 @@ def _forward(table, lower, extent, nz, ny, nx, sx, sy, sz, bounds, buffers, cons
 def _backward(table, lower, extent, nz, ny, nx, sx, sy, sz, grad_volume, grad_table, constants):
     half, two = constants[0], constants[2]
     for g in prange(table.shape[1]):
-        z0, z1 = _clipped_box(lower, extent, g, 0, nz)
-        y0, y1 = _clipped_box(lower, extent, g, 1, ny)
-        x0, x1 = _clipped_box(lower, extent, g, 2, nx)
+        z0, z1, y0, y1, x0, x1 = _clipped_box(lower, extent, g, nz, ny, nx)
         m0, m1, m2 = table[0, g], table[1, g], table[2, g]
         c0, c1, c2, c3, c4, c5 = table[3, g], table[4, g], table[5, g], table[6, g], table[7, g], table[8, g]
         density = table[9, g]
