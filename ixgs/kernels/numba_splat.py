@@ -54,7 +54,7 @@ def thread_buffers(counts: torch.Tensor, cells: int, dtype) -> tuple[np.ndarray,
 
 @njit(parallel=True, fastmath=True, cache=True)
 def _forward(table, pixels, lower, extent, rows, cols, bounds, buffers, constants):
-    half = constants[0]
+    half, one = constants[0], constants[1]
     for run in prange(bounds.shape[0] - 1):
         image = buffers[run]
         for g in range(bounds[run], bounds[run + 1]):
@@ -71,7 +71,8 @@ def _forward(table, pixels, lower, extent, rows, cols, bounds, buffers, constant
                     e2 = t0 * d1 - t1 * d0
                     q = e0 * (t3 * e0 + t6 * e1) + e1 * (t4 * e1 + t7 * e2) + e2 * (t5 * e2 + t8 * e0)
                     a = d0 * (t9 * d0 + t12 * d1) + d1 * (t10 * d1 + t13 * d2) + d2 * (t11 * d2 + t14 * d0)
-                    image[p] += peak * math.exp(-half * q / a) / math.sqrt(a)
+                    inverse_a = one / a
+                    image[p] += peak * math.exp(-half * q * inverse_a) * math.sqrt(inverse_a)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -95,10 +96,12 @@ def _backward(table, pixels, lower, extent, rows, cols, grad_image, grad_table, 
                 e2 = t0 * d1 - t1 * d0
                 q = e0 * (t3 * e0 + t6 * e1) + e1 * (t4 * e1 + t7 * e2) + e2 * (t5 * e2 + t8 * e0)
                 a = d0 * (t9 * d0 + t12 * d1) + d1 * (t10 * d1 + t13 * d2) + d2 * (t11 * d2 + t14 * d0)
-                unit = math.exp(-half * q / a) / math.sqrt(a)
+                inverse_a = one / a
+                q_a = q * inverse_a
+                unit = math.exp(-half * q_a) * math.sqrt(inverse_a)
                 weighted = grad_image[p] * unit
-                gq = weighted * peak / a  # -2 d loss / d q
-                ga = half * (q / a - one) * gq  # d loss / d a
+                gq = weighted * peak * inverse_a  # -2 d loss / d q
+                ga = half * (q_a - one) * gq  # d loss / d a
                 gq *= -half
                 # d q / d e = 2 (S / det S) e (off-diagonal coefficients are stored doubled).
                 ge0 = (two * t3 * e0 + t6 * e1 + t8 * e2) * gq
