@@ -10,7 +10,7 @@ so that it follows the live tensors: a lower bound; ``max_memory_allocated`` on 
     python bench/kernel_profile.py --threads 1 --label "after, 1 thread"
     python bench/kernel_profile.py --threads 2 --write      # appends a section to bench/results/profile-cpu.md
     python bench/kernel_profile.py --pixels 512 --gaussians 300000 --repeats 1 --pieces forward,backward  # memory
-    python bench/kernel_profile.py --compare-kernels --write  # one iteration per kernel; bench/results/kernels-<device>
+    python bench/kernel_profile.py --compare-kernels --write  # one iteration per kernel: results/kernels-cpu-2threads.*
 
 ``--kernel`` (torch, numba, triton, auto) picks the renderer's and voxelizer's pair kernels for the
 pieces. ``--compare-kernels`` times one training iteration (render forward + backward + TV patch)
@@ -223,6 +223,7 @@ def compare_kernels(args) -> dict:
     size = [min(16, n) for n in tv_grid.shape]
     kernels = available_kernels(device)
     timings = {name: [] for name in kernels}
+    cpu_timings = {name: [] for name in kernels}
 
     def iteration(kernel: str, view: int, corner) -> None:
         model.zero_grad(set_to_none=True)
@@ -240,11 +241,12 @@ def compare_kernels(args) -> dict:
         for name in kernels:
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             iteration(name, repeat, corners[repeat])
             if device.type == "cuda":
                 torch.cuda.synchronize()
             timings[name].append(time.perf_counter() - started)
+            cpu_timings[name].append(time.process_time() - cpu_started)
     load_after = os.getloadavg()
     ms = {name: round(1000 * min(values), 1) for name, values in timings.items()}
     median_ms = {name: round(1000 * statistics.median(values), 1) for name, values in timings.items()}
@@ -255,6 +257,9 @@ def compare_kernels(args) -> dict:
         "ms_per_iteration": ms,
         "speedup": round(ms["torch"] / min(ms.values()), 1),
         "median_ms_per_iteration": median_ms,
+        # CPU time of this process (all its threads; idle OpenMP threads spin, so with more than one
+        # thread it overstates the work): with one thread, the load-independent cost.
+        "cpu_ms_per_iteration": {name: round(1000 * min(values), 1) for name, values in cpu_timings.items()},
         "repeats": args.repeats,
         "loadavg_before": [round(v, 2) for v in load_before],
         "loadavg_after": [round(v, 2) for v in load_after],
@@ -269,21 +274,24 @@ def compare_kernels(args) -> dict:
 
 def write_comparison(result: dict, device: str) -> None:
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"kernels-{device}.json").write_text(json.dumps(result, indent=1) + "\n")
+    threads = result["case"].rsplit(", ", 1)[-1].split()[0]
+    stem = f"kernels-{device}-{threads}threads"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     lines = [f"# One training iteration per kernel ({device})", "",
              f"Case: {result['case']}. Made by `python bench/kernel_profile.py --compare-kernels --write`: "
              f"minimum (and median) over {result['repeats']} interleaved repeats after a warm-up; load average "
              f"{result['loadavg_before']} before, {result['loadavg_after']} after (the machine is shared).", "",
-             "| kernel | ms per iteration (min) | median | x plain torch |", "|---|---:|---:|---:|"]
+             "| kernel | ms per iteration (min) | median | process CPU ms (min) | x plain torch |",
+             "|---|---:|---:|---:|---:|"]
     for name, ms in result["ms_per_iteration"].items():
         lines.append(f"| {name} | {ms} | {result['median_ms_per_iteration'][name]} | "
-                     f"{result['ms_per_iteration']['torch'] / ms:.1f} |")
+                     f"{result['cpu_ms_per_iteration'][name]} | {result['ms_per_iteration']['torch'] / ms:.1f} |")
     if "numba" in result:
         jit = result["numba"]["jit"]
         lines += ["", f"numba {result['numba']['version']}, {result['numba']['threads']} threads. First numba render + "
                   f"voxelize in a fresh process (JIT): {jit['cold_cache_s']} s with an empty cache, "
                   f"{jit['warm_cache_s']} s with the cache it left (imports included)."]
-    (RESULTS / f"kernels-{device}.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
 
 def memory_pass() -> dict[str, float | None]:
