@@ -10,7 +10,7 @@ so that it follows the live tensors: a lower bound; ``max_memory_allocated`` on 
     python bench/kernel_profile.py --threads 1 --label "after, 1 thread"
     python bench/kernel_profile.py --threads 2 --write      # appends a section to bench/results/profile-cpu.md
     python bench/kernel_profile.py --pixels 512 --gaussians 300000 --repeats 1 --pieces forward,backward  # memory
-    python bench/kernel_profile.py --compare-kernels --write  # one iteration per kernel: results/kernels-cpu-2threads.*
+    python bench/kernel_profile.py --compare-kernels --write  # one iteration per kernel: bench/results/kernels-cpu.*
 
 ``--kernel`` (torch, numba, triton, auto) picks the renderer's and voxelizer's pair kernels for the
 pieces. ``--compare-kernels`` times one training iteration (render forward + backward + TV patch)
@@ -273,25 +273,31 @@ def compare_kernels(args) -> dict:
 
 
 def write_comparison(result: dict, device: str) -> None:
+    """bench/results/kernels-<device>.json and .md: one entry per thread count, this run's replacing its own."""
     RESULTS.mkdir(exist_ok=True)
-    threads = result["case"].rsplit(", ", 1)[-1].split()[0]
-    stem = f"kernels-{device}-{threads}threads"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    path = RESULTS / f"kernels-{device}.json"
+    runs = json.loads(path.read_text()) if path.exists() else {}
+    runs[result["case"].rsplit(", ", 1)[-1]] = result
+    path.write_text(json.dumps(runs, indent=1) + "\n")
     lines = [f"# One training iteration per kernel ({device})", "",
-             f"Case: {result['case']}. Made by `python bench/kernel_profile.py --compare-kernels --write`: "
-             f"minimum (and median) over {result['repeats']} interleaved repeats after a warm-up; load average "
-             f"{result['loadavg_before']} before, {result['loadavg_after']} after (the machine is shared).", "",
-             "| kernel | ms per iteration (min) | median | process CPU ms (min) | x plain torch |",
-             "|---|---:|---:|---:|---:|"]
-    for name, ms in result["ms_per_iteration"].items():
-        lines.append(f"| {name} | {ms} | {result['median_ms_per_iteration'][name]} | "
-                     f"{result['cpu_ms_per_iteration'][name]} | {result['ms_per_iteration']['torch'] / ms:.1f} |")
-    if "numba" in result:
-        jit = result["numba"]["jit"]
-        lines += ["", f"numba {result['numba']['version']}, {result['numba']['threads']} threads. First numba render + "
-                  f"voxelize in a fresh process (JIT): {jit['cold_cache_s']} s with an empty cache, "
-                  f"{jit['warm_cache_s']} s with the cache it left (imports included)."]
-    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
+             "Made by `python bench/kernel_profile.py --compare-kernels --write [--threads N]`: render forward + "
+             "backward + TV on a 16^3 patch, the minimum (and median) over interleaved repeats after a warm-up. The "
+             "machine is shared: the load average (1, 5, 15 min) is recorded before and after each run."]
+    for entry in runs.values():
+        lines += ["", f"## {entry['case']}", "",
+                  f"{entry['repeats']} repeats; load average {entry['loadavg_before']} before, "
+                  f"{entry['loadavg_after']} after; torch {entry['torch']}.", "",
+                  "| kernel | ms per iteration (min) | median | process CPU ms (min) | x plain torch |",
+                  "|---|---:|---:|---:|---:|"]
+        for name, ms in entry["ms_per_iteration"].items():
+            lines.append(f"| {name} | {ms} | {entry['median_ms_per_iteration'][name]} | "
+                         f"{entry['cpu_ms_per_iteration'][name]} | {entry['ms_per_iteration']['torch'] / ms:.1f} |")
+        if "numba" in entry:
+            jit = entry["numba"]["jit"]
+            lines += ["", f"numba {entry['numba']['version']}, {entry['numba']['threads']} threads. First numba "
+                      f"render + voxelize in a fresh process (JIT): {jit['cold_cache_s']} s with an empty cache, "
+                      f"{jit['warm_cache_s']} s with the cache it left (imports included)."]
+    (RESULTS / f"kernels-{device}.md").write_text("\n".join(lines) + "\n")
 
 
 def memory_pass() -> dict[str, float | None]:
