@@ -86,7 +86,7 @@ class ReconstructionSettings:
     # compilation of 7-30 s, so worth it for long runs; falls back to plain torch where it cannot work.
     compile: bool = False
     # Who evaluates the Gaussian/pixel and Gaussian/voxel pairs (ixgs.kernels.choice): auto = Triton on
-    # CUDA, numba on a CPU (~10x plain torch), plain torch (the reference) where neither is installed.
+    # CUDA, numba on a CPU (~5x less CPU time than plain torch), plain torch (the reference) where neither imports.
     kernel: str = "auto"
     # MiB the Gaussian/pixel pair work may hold at once (default: a quarter of the free memory, <= 4 GiB).
     memory_budget_mib: float | None = None
