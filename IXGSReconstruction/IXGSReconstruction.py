@@ -443,7 +443,8 @@ class IXGSReconstructionLogic(ScriptedLoadableModuleLogic):
             method=p.method, preset=p.preset, init=p.init, device=p.device, seed=p.seed,
             refine_poses=p.refinePoses and p.method == "gaussian",  # poses are learned with the Gaussians
             voxel_size_mm=p.voxelSizeMm or None,  # 0 = "auto": the engine's default
-            time_budget_s=p.timeBudgetS or None,  # 0 = no budget: the engine's default
+            time_budget_s=p.timeBudgetS or None,  # 0 = the engine's default budget for the device
+            kernel=p.kernel,
             roi=roi_from_roi_node(p.roi) if p.roi else None,
         )
 

@@ -106,7 +106,7 @@ def test_voxelize_matches_dense_evaluation():
     grid = ROI.grid(3.0)
     region = (slice(3, 14), slice(0, 9), slice(5, 20))
     with torch.no_grad():
-        block = voxelize(model, grid, region=region, sigmas=8.0, pair_budget=999)
+        block = voxelize(model, grid, region=region, sigmas=8.0, pair_budget=999, voxel_average=False)
         centres = torch.as_tensor(grid.voxel_centers(), dtype=torch.float64).reshape(*grid.shape, 3)[region]
         offsets = centres.reshape(-1, 1, 3) - model.means
         q = torch.einsum("pni,nij,pnj->pn", offsets, model.inverse_covariances(), offsets)

@@ -10,6 +10,15 @@ so that it follows the live tensors: a lower bound; ``max_memory_allocated`` on 
     python bench/kernel_profile.py --threads 1 --label "after, 1 thread"
     python bench/kernel_profile.py --threads 2 --write      # appends a section to bench/results/profile-cpu.md
     python bench/kernel_profile.py --pixels 512 --gaussians 300000 --repeats 1 --pieces forward,backward  # memory
+    python bench/kernel_profile.py --compare-kernels --write  # one iteration per kernel: bench/results/kernels-cpu.*
+
+``--kernel`` (torch, numba, triton, auto) picks the renderer's and voxelizer's pair kernels for the
+pieces. ``--compare-kernels`` times one training iteration (render forward + backward + TV patch)
+with every kernel that runs on the device, the minimum over ``--repeats`` after a warm-up call (the
+machine is shared: the load average is recorded before and after), the numba JIT compilation
+separately (a fresh process with an empty cache, then one with that cache), and prints as its last
+line one JSON object ``{"case", "ms_per_iteration": {kernel: ms}, "speedup"}`` (speedup = plain torch
+over the fastest).
 """
 from __future__ import annotations
 
@@ -20,6 +29,7 @@ import subprocess
 import platform
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -28,6 +38,7 @@ import numpy as np
 import torch
 
 from ixgs.gaussians import GaussianModel
+from ixgs.kernels.choice import KERNELS, resolve_kernel
 from ixgs.geometry import Roi, view_rays
 from ixgs.losses import total_variation_3d
 from ixgs.pairs import box_pairs
@@ -113,6 +124,7 @@ def profile(args) -> list[tuple[str, float, float | None]]:
     model, rays, tv_grid = build_case(args.gaussians, args.pixels, args.views, device)
     extra = dict(kv.split("=", 1) for kv in args.render_option)
     extra = {k: (v == "true" if v in ("true", "false") else int(v) if v.isdigit() else v) for k, v in extra.items()}
+    extra["kernel"] = args.kernel
     weights = torch.randn(rays[0].shape, generator=torch.Generator().manual_seed(1)).to(device)
     state = {"view": 0}
 
@@ -142,7 +154,7 @@ def profile(args) -> list[tuple[str, float, float | None]]:
     def tv():
         size = [min(16, n) for n in tv_grid.shape]
         corner = [int(torch.randint(0, n - s + 1, (1,), generator=region_generator)) for n, s in zip(tv_grid.shape, size)]
-        patch = voxelize(model, tv_grid, region=tuple(slice(c, c + s) for c, s in zip(corner, size)))
+        patch = voxelize(model, tv_grid, region=tuple(slice(c, c + s) for c, s in zip(corner, size)), kernel=args.kernel)
         total_variation_3d(patch * model.half_extent).backward()
 
     def iteration():
@@ -160,6 +172,132 @@ def profile(args) -> list[tuple[str, float, float | None]]:
         return [(name, None, peak_memory_mib(fn, device)) for name, fn in chosen]
     seconds = [seconds_of(fn, device, args.repeats) for _, fn in chosen]
     return rows + [(name, s, None) for (name, _), s in zip(chosen, seconds)]
+
+
+def available_kernels(device: torch.device) -> list[str]:
+    """The kernels that run on ``device`` (Triton on a CPU only interpreted: not worth timing)."""
+    names = []
+    for name in KERNELS[1:]:
+        try:
+            resolve_kernel(name, device)
+        except ValueError:
+            continue
+        if name != "triton" or device.type == "cuda":
+            names.append(name)
+    return names
+
+
+JIT_PROBE = """
+import json, time, torch
+from ixgs.gaussians import GaussianModel
+from ixgs.geometry import Roi, view_rays
+from ixgs.simulate import c_arm_projection_matrix
+from ixgs.splat import render
+from ixgs.voxelize import voxelize
+started = time.perf_counter()
+roi = Roi((0.0, 0.0, 0.0), (40.0, 40.0, 40.0))
+model = GaussianModel.random(roi, 50, torch.Generator().manual_seed(0))
+rays = view_rays(c_arm_projection_matrix(20.0, 5.0, 1000.0, 600.0, (16, 16), (3.0, 3.0)), (16, 16))
+render(model, rays, kernel="numba").sum().backward()
+voxelize(model, roi.grid(4.0), region=(slice(0, 4),) * 3, kernel="numba").sum().backward()
+print(json.dumps(time.perf_counter() - started))
+"""
+
+
+def numba_jit_seconds() -> dict[str, float]:
+    """Seconds of the first numba render + voxelize (forward and backward, a tiny case) in a fresh
+    process: with an empty cache (compilation) and again with the cache that run left."""
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+        runs = [json.loads(subprocess.run([sys.executable, "-c", JIT_PROBE], env=env, check=True,
+                                          capture_output=True, text=True).stdout.strip().splitlines()[-1])
+                for _ in range(2)]
+    return {"cold_cache_s": round(runs[0], 2), "warm_cache_s": round(runs[1], 2)}
+
+
+def compare_kernels(args) -> dict:
+    """Minimum wall time (ms) of one training iteration per available kernel, same case and model."""
+    device = torch.device(args.device)
+    model, rays, tv_grid = build_case(args.gaussians, args.pixels, args.views, device)
+    weights = torch.randn(rays[0].shape, generator=torch.Generator().manual_seed(1)).to(device)
+    size = [min(16, n) for n in tv_grid.shape]
+    kernels = available_kernels(device)
+    timings = {name: [] for name in kernels}
+    cpu_timings = {name: [] for name in kernels}
+
+    def iteration(kernel: str, view: int, corner) -> None:
+        model.zero_grad(set_to_none=True)
+        image, _ = render(model, rays[view % len(rays)], return_radii=True, kernel=kernel)
+        patch = voxelize(model, tv_grid, region=tuple(slice(c, c + s) for c, s in zip(corner, size)), kernel=kernel)
+        ((image * weights).sum() + total_variation_3d(patch * model.half_extent)).backward()
+
+    generator = torch.Generator().manual_seed(2)
+    corners = [[int(torch.randint(0, n - s + 1, (1,), generator=generator)) for n, s in zip(tv_grid.shape, size)]
+               for _ in range(args.repeats)]
+    load_before = os.getloadavg()
+    for name in kernels:
+        iteration(name, 0, corners[0])  # warm-up: allocator, caches, JIT (cached)
+    for repeat in range(args.repeats):  # kernels interleaved: a change of load hits them alike
+        for name in kernels:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            started, cpu_started = time.perf_counter(), time.process_time()
+            iteration(name, repeat, corners[repeat])
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            timings[name].append(time.perf_counter() - started)
+            cpu_timings[name].append(time.process_time() - cpu_started)
+    load_after = os.getloadavg()
+    ms = {name: round(1000 * min(values), 1) for name, values in timings.items()}
+    median_ms = {name: round(1000 * statistics.median(values), 1) for name, values in timings.items()}
+    pairs = float(np.mean([count_pairs(model, r) for r in rays]))
+    result = {
+        "case": f"{args.pixels} px, {args.gaussians} Gaussians, {pairs / 1e6:.2f} M pairs a view, TV 16^3 patch; "
+                f"{device.type}, {torch.get_num_threads()} threads",
+        "ms_per_iteration": ms,
+        "speedup": round(ms["torch"] / min(ms.values()), 1),
+        "median_ms_per_iteration": median_ms,
+        # CPU time of this process (all its threads; idle OpenMP threads spin, so with more than one
+        # thread it overstates the work): with one thread, the load-independent cost.
+        "cpu_ms_per_iteration": {name: round(1000 * min(values), 1) for name, values in cpu_timings.items()},
+        "repeats": args.repeats,
+        "loadavg_before": [round(v, 2) for v in load_before],
+        "loadavg_after": [round(v, 2) for v in load_after],
+        "torch": torch.__version__,
+    }
+    if "numba" in kernels:
+        import numba
+
+        result["numba"] = {"version": numba.__version__, "threads": numba.get_num_threads(), "jit": numba_jit_seconds()}
+    return result
+
+
+def write_comparison(result: dict, device: str) -> None:
+    """bench/results/kernels-<device>.json and .md: one entry per thread count, this run's replacing its own."""
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"kernels-{device}.json"
+    runs = json.loads(path.read_text()) if path.exists() else {}
+    runs[result["case"].rsplit(", ", 1)[-1]] = result
+    path.write_text(json.dumps(runs, indent=1) + "\n")
+    lines = [f"# One training iteration per kernel ({device})", "",
+             "Made by `python bench/kernel_profile.py --compare-kernels --write [--threads N]`: render forward + "
+             "backward + TV on a 16^3 patch, the minimum (and median) over interleaved repeats after a warm-up. The "
+             "machine is shared: the load average (1, 5, 15 min) is recorded before and after each run."]
+    for entry in runs.values():
+        lines += ["", f"## {entry['case']}", "",
+                  f"{entry['repeats']} repeats; load average {entry['loadavg_before']} before, "
+                  f"{entry['loadavg_after']} after; torch {entry['torch']}.", "",
+                  "| kernel | ms per iteration (min) | median | process CPU ms (min) | x plain torch |",
+                  "|---|---:|---:|---:|---:|"]
+        for name, ms in entry["ms_per_iteration"].items():
+            lines.append(f"| {name} | {ms} | {entry['median_ms_per_iteration'][name]} | "
+                         f"{entry['cpu_ms_per_iteration'][name]} | {entry['ms_per_iteration']['torch'] / ms:.1f} |")
+        if "numba" in entry:
+            jit = entry["numba"]["jit"]
+            lines += ["", f"numba {entry['numba']['version']}, {entry['numba']['threads']} threads. First numba "
+                      f"render + voxelize in a fresh process (JIT): {jit['cold_cache_s']} s with an empty cache, "
+                      f"{jit['warm_cache_s']} s with the cache it left (imports included)."]
+    (RESULTS / f"kernels-{device}.md").write_text("\n".join(lines) + "\n")
 
 
 def memory_pass() -> dict[str, float | None]:
@@ -186,11 +324,21 @@ def main() -> None:
     parser.add_argument("--label", default="")
     parser.add_argument("--render-option", action="append", default=[],
                         help="extra keyword for render, e.g. compile=true (repeatable)")
+    parser.add_argument("--kernel", choices=KERNELS, default="torch", help="pair kernels of render and voxelize")
+    parser.add_argument("--compare-kernels", action="store_true",
+                        help="time one iteration with every available kernel; last line JSON")
     parser.add_argument("--memory-pass", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--write", action="store_true", help="append the table to bench/results/profile-<device>.md")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+        os.environ["NUMBA_NUM_THREADS"] = str(args.threads)  # before numba loads
+    if args.compare_kernels:
+        result = compare_kernels(args)
+        if args.write:
+            write_comparison(result, args.device)
+        print(json.dumps(result))
+        return
     rows = profile(args)
     if args.memory_pass:
         print(json.dumps({name: peak for name, _, peak in rows}))
@@ -201,7 +349,7 @@ def main() -> None:
         f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
     lines = [f"### {args.label or 'run'}", "",
              f"{device_name}, {torch.get_num_threads()} thread(s), torch {torch.__version__}; "
-             f"{args.gaussians} Gaussians, {args.pixels} x {args.pixels} px, median of {args.repeats}"
+             f"{args.gaussians} Gaussians, {args.pixels} x {args.pixels} px, median of {args.repeats}, kernel {args.kernel}"
              + (f", render options {args.render_option}" if args.render_option else ""), "",
              "| piece | time (ms) | peak extra memory (MiB) |", "|---|---:|---:|"]
     for name, value, peak in rows:

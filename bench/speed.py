@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from ixgs.kernels.choice import KERNELS
 from ixgs.phantom import default_roi, make_phantom
 from ixgs.reconstruct import INITS, PRESETS, ReconstructionSettings, resolve_device
 from ixgs.simulate import simulate_scan
@@ -218,7 +219,8 @@ def markdown_report(record: dict) -> str:
         f"{case['phantom']} phantom (seed {settings['seed']}, {case['phantom_voxel_mm']} mm), {case['views']} views of "
         f"{case['detector_px']} x {case['detector_px']} px to a {case['grid_size']}^3 grid over the 110 mm ROI. "
         f"Gaussians: preset {settings['preset']}, init {settings['init']}, "
-        f"{'fused (torch.compile) kernels' if settings.get('compile') else 'plain torch kernels'}, "
+        f"kernel {settings.get('kernel', 'torch')}"
+        f"{' (torch: fused by torch.compile)' if settings.get('compile') else ''}, "
         f"{settings['iterations']} iterations asked "
         f"(each run's time budget ends it and its schedule follows the budget). SART is given the Gaussian run's "
         f"time. Times are the engine's (`elapsed_s`); wall times add process start, reading and writing.",
@@ -269,6 +271,7 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--init", choices=INITS, default=defaults.init)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--compile", action="store_true", help="Gaussian runs with fused kernels (ixgs --compile)")
+    parser.add_argument("--kernel", choices=KERNELS, default="auto", help="pair kernels (ixgs --kernel)")
     parser.add_argument("--work", type=Path, help="keep scans and reconstructions here (default: a temporary folder)")
     parser.add_argument("--results", type=Path, help="folder for the results (default: bench/results; "
                         "with --quick a new temporary folder)")
@@ -300,7 +303,7 @@ def main() -> None:
     stem = f"speed-{device.type}" + ("" if case.name == device_case else f"-{case.name}")
     voxel_mm = max(default_roi(case.phantom).size) / case.grid_size
     common = ["--device", device.type, "--seed", str(args.seed), "--voxel-size", repr(voxel_mm),
-              "--preset", preset, "--init", args.init]
+              "--preset", preset, "--init", args.init, "--kernel", args.kernel]
     print(f"case {case.name} on {device_label(described)}: budgets {budgets} s, reference "
           + (f"from {args.reference}" if args.reference else f"{args.reference_iterations} iterations"
              + (f" capped at {reference_budget:.0f} s" if reference_budget else ""))
@@ -344,7 +347,7 @@ def main() -> None:
     record = {"date": time.strftime("%Y-%m-%d %H:%M"), "device": described, "device_label": device_label(described),
               "case": asdict(case), "settings": {"preset": preset, "init": args.init, "seed": args.seed,
                                                  "iterations": args.reference_iterations, "budgets_s": budgets,
-                                                 "compile": args.compile},
+                                                 "compile": args.compile, "kernel": args.kernel},
               "reference": reference, "rows": rows, "time_to_reach": reach,
               "targets": assess_targets(case, rows, reach)}
     results.mkdir(parents=True, exist_ok=True)

@@ -150,6 +150,8 @@ def _reconstruct_to_reserved_folder(scan_path: Path, out_dir: Path, settings, bo
         "stages": result.stages,
         "densification": result.densification,
         "training_config": result.training_config,
+        "kernel": result.kernel,
+        "ms_per_iteration": _finite_or_none(result.ms_per_iteration),
     }
     if result.held_out:
         report["held_out"] = result.held_out
@@ -169,7 +171,7 @@ def settings_arguments(settings) -> list[str]:
     how the Slicer module starts the engine in a background process."""
     settings.validate()
     args = ["--method", settings.method, "--preset", settings.preset, "--init", settings.init,
-            "--device", settings.device, "--seed", str(int(settings.seed))]
+            "--device", settings.device, "--seed", str(int(settings.seed)), "--kernel", settings.kernel]
     for option, value in (("--voxel-size", settings.voxel_size_mm), ("--time-budget", settings.time_budget_s),
                           ("--memory-budget", settings.memory_budget_mib)):
         if value is not None:
@@ -197,6 +199,7 @@ def _settings_from(args):
         init=args.init, device=args.device, seed=args.seed, time_budget_s=args.time_budget,
         gaussians=args.gaussians, roi=_roi_argument(args.roi), refine_poses=args.refine_poses,
         views_per_step=args.views_per_step, stop_on_plateau=not args.no_plateau_stop, compile=args.compile,
+        kernel=args.kernel,
         memory_budget_mib=args.memory_budget, held_out_views=args.held_out_views,
         checkpoint=args.checkpoint, resume=args.resume)
     settings.validate()
@@ -381,6 +384,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from .peers import SCENE_KIND
+    from .kernels.choice import KERNELS
     from .reconstruct import DEVICES, INITS, METHODS, PRESETS, ReconstructionSettings
     from .scan import KIND as SCAN_KIND
     from .standardize.pairs_data import KIND as PAIRS_KIND
@@ -439,7 +443,10 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--no-plateau-stop", action="store_true",
                      help="run all iterations even when the loss has stopped falling")
     rec.add_argument("--compile", action="store_true",
-                     help="fused kernels via torch.compile: faster long runs after a one-off compilation")
+                     help="with --kernel torch: fused kernels via torch.compile, faster long runs after a one-off compilation")
+    rec.add_argument("--kernel", choices=KERNELS, default=defaults.kernel,
+                     help="pair kernels: auto (Triton on CUDA, numba on a CPU, else torch), torch (the reference), "
+                          "numba or triton")
     rec.add_argument("--memory-budget", type=finite_float, metavar="MIB",
                      help="memory the Gaussian/pixel pair work may hold at once (default: a quarter of free memory)")
     rec.add_argument("--bone-threshold", type=finite_float, help="1/mm (default: Otsu)")

@@ -3,7 +3,9 @@
 The volume is the trilinear interpolation of its voxel values (exact at voxel centres, falling
 linearly to zero one voxel outside the grid). Each ray is clipped to that support box and the
 line integral is taken with the midpoint rule at a regular step. The projection is linear in the
-volume, so autograd gives its exact adjoint (:func:`back_project`), which SART uses.
+volume, so autograd gives its exact adjoint (:func:`back_project`), which SART uses. With
+``kernel="numba"`` (or "auto" on a CPU) the same marcher runs as a numba kernel
+(:mod:`ixgs.kernels.numba_projector`), forward and adjoint, when the rays need no gradient.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .geometry import Grid, ViewRays, normalize_projection_matrix, view_rays
+from .kernels.choice import kernel_module, resolve_kernel
 from .volume import Volume
 
 
@@ -68,12 +71,21 @@ def default_step_mm(grid: Grid) -> float:
     return 0.5 * float(min(grid.spacing))
 
 
+def _numba_marcher(kernel: str, device: torch.device, *ray_tensors: torch.Tensor):
+    """The numba ray marcher when ``kernel`` resolves to it here and no ray tensor needs a gradient
+    (a learned pose moves the rays), else None: the torch marcher (the reference) runs."""
+    if resolve_kernel(kernel, device) != "numba" or any(t.requires_grad for t in ray_tensors):
+        return None
+    return kernel_module("numba", "projector")
+
+
 def forward_project(volume: torch.Tensor, grid: Grid, rays: ViewRays, step_mm: float | None = None,
-                    chunk_rays: int = 4096) -> torch.Tensor:
+                    chunk_rays: int = 4096, kernel: str = "torch") -> torch.Tensor:
     """Line integrals (rows, cols) of a (nz, ny, nx) attenuation volume (1/mm) along a view's rays.
 
     Differentiable w.r.t. ``volume``; rays are processed ``chunk_rays`` at a time to bound memory.
-    Runs on the volume's device and dtype.
+    Runs on the volume's device and dtype. ``kernel``: "torch" (the reference), or "numba"/"auto"
+    for the numba marcher on a CPU (:func:`_numba_marcher`; other kernels run the torch marcher).
     """
     step_mm = default_step_mm(grid) if step_mm is None else float(step_mm)
     if step_mm <= 0:
@@ -83,16 +95,20 @@ def forward_project(volume: torch.Tensor, grid: Grid, rays: ViewRays, step_mm: f
     rows, cols = rays.shape
     source = rays.source.to(device=volume.device, dtype=volume.dtype)
     directions = rays.directions.reshape(-1, 3).to(device=volume.device, dtype=volume.dtype)
+    marcher = _numba_marcher(kernel, volume.device, source, directions)
+    if marcher is not None:
+        return marcher.RayIntegrals.apply(volume, grid, source, directions, step_mm).reshape(rows, cols)
     chunks = [_project_rays(volume, grid, source, directions[i:i + chunk_rays], step_mm)
               for i in range(0, directions.shape[0], chunk_rays)]
     return torch.cat(chunks).reshape(rows, cols)
 
 
 def back_project(image: torch.Tensor, grid: Grid, rays: ViewRays, step_mm: float | None = None,
-                 chunk_rays: int = 4096) -> torch.Tensor:
+                 chunk_rays: int = 4096, kernel: str = "torch") -> torch.Tensor:
     """The exact adjoint of :func:`forward_project`: A^T image, a (nz, ny, nx) volume.
 
-    Computed chunk by chunk with autograd, so memory stays bounded like the forward projection.
+    Computed chunk by chunk with autograd, so memory stays bounded like the forward projection
+    (``kernel`` as there: the numba marcher computes the adjoint directly).
     """
     if tuple(image.shape) != tuple(rays.shape):
         raise ValueError(f"image shape {tuple(image.shape)} does not match the view's {rays.shape}")
@@ -102,6 +118,9 @@ def back_project(image: torch.Tensor, grid: Grid, rays: ViewRays, step_mm: float
     source = rays.source.to(device=image.device, dtype=image.dtype)
     directions = rays.directions.reshape(-1, 3).to(device=image.device, dtype=image.dtype)
     weights = image.reshape(-1)
+    marcher = _numba_marcher(kernel, image.device)
+    if marcher is not None:
+        return marcher.adjoint(weights, grid, source, directions, step_mm).reshape(grid.shape)
     with torch.enable_grad():
         for i in range(0, directions.shape[0], chunk_rays):
             projection = _project_rays(probe, grid, source, directions[i:i + chunk_rays], step_mm)

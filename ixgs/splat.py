@@ -32,6 +32,7 @@ import torch
 
 from .gaussians import GaussianModel
 from .geometry import ViewRays
+from .kernels.choice import kernel_module, resolve_kernel
 from .pairs import box_pairs, clip_boxes
 
 # The per-Gaussian table is transposed, (16, N): delta = source - mean (3), S / det S (6),
@@ -71,10 +72,21 @@ _SYMMETRIC6_ENTRIES = ((0, 0), (1, 1), (2, 2), (0, 1), (1, 2), (2, 0))
 
 
 def symmetric6_from_eigen(rotations: torch.Tensor, eigenvalues: torch.Tensor) -> torch.Tensor:
-    """``symmetric6(R diag(lambda) R^T)`` (6, N), entry by entry: cheaper than batched 3x3 matmuls."""
-    scaled = rotations * eigenvalues[:, None, :]
-    return torch.stack([(scaled[:, i] * rotations[:, j]).sum(dim=1) * (1.0 if i == j else 2.0)
-                        for i, j in _SYMMETRIC6_ENTRIES], dim=0)
+    """``symmetric6(R diag(lambda) R^T)`` (6, N), entry by entry on contiguous (N,) rows: cheaper than
+    batched 3x3 matmuls, and ``unbind`` (not indexing) keeps the backward pass to one copy per input
+    (each indexed entry's backward would zero-fill a whole (N, 3, 3) gradient)."""
+    r = [row.unbind(0) for row in rotations.permute(1, 2, 0).contiguous().unbind(0)]  # r[i][k] = R[:, i, k]
+    values = eigenvalues.T.contiguous().unbind(0)
+    scaled = [[r[i][k] * values[k] for k in range(3)] for i in range(3)]
+    return torch.stack([(scaled[i][0] * r[j][0]).addcmul_(scaled[i][1], r[j][1]).addcmul_(scaled[i][2], r[j][2])
+                        * (1.0 if i == j else 2.0) for i, j in _SYMMETRIC6_ENTRIES], dim=0)
+
+
+def quadratic_form6(coefficients, x) -> torch.Tensor:
+    """``x^T M x`` row by row: ``M`` as its 6 :func:`symmetric6_from_eigen` rows, ``x`` as 3 rows."""
+    c = coefficients
+    return ((c[0] * x[0]).addcmul_(c[3], x[1]).mul_(x[0]) + (c[1] * x[1]).addcmul_(c[4], x[2]).mul_(x[1])
+            + (c[2] * x[2]).addcmul_(c[5], x[0]).mul_(x[2]))
 
 
 def _pair_terms(g, d):
@@ -246,16 +258,17 @@ def footprints(model: GaussianModel, projection_matrix: torch.Tensor, shape: tup
     """Pixel boxes (lower (N, 2), extent (N, 2) as (row, col)) of each Gaussian's projected
     ``sigmas``-sigma ellipse, and the radius in pixels (0 where culled: behind or too close to the
     source, or off the image)."""
-    means, cov = model.means, model.covariances()
+    means, scales = model.means, model.scales
+    covariance = symmetric6_from_eigen(model.rotations, scales ** 2)
     P = projection_matrix
     uvw = means @ P[:, :3].T + P[:, 3]
     w = uvw[:, 2]
-    in_front = w > sigmas * model.scales.max(dim=1).values  # whole k-sigma ellipsoid before the source plane
+    in_front = w > sigmas * scales.max(dim=1).values  # whole k-sigma ellipsoid before the source plane
     w_safe = torch.where(in_front, w, torch.ones_like(w))
     uv = uvw[:, :2] / w_safe[:, None]
-    # Rows of the Jacobian of (u, v) with respect to the world point, at the centre.
-    jacobian = (P[None, :2, :3] - uv[:, :, None] * P[None, 2:3, :3]) / w_safe[:, None, None]
-    variance = torch.einsum("nai,nij,naj->na", jacobian, cov, jacobian)
+    # Variance of u and v: quadratic forms of the rows of the Jacobian of (u, v) at the centre.
+    variance = torch.stack([quadratic_form6(covariance, [(P[a, i] - uv[:, a] * P[2, i]) / w_safe for i in range(3)])
+                            for a in range(2)], dim=1)
     radius_uv = sigmas * variance.clamp(min=0).sqrt()
     rows, cols = shape
     limit = torch.tensor([cols, rows], dtype=uv.dtype, device=uv.device)
@@ -271,7 +284,7 @@ def footprints(model: GaussianModel, projection_matrix: torch.Tensor, shape: tup
 
 def render(model: GaussianModel, rays: ViewRays, pair_budget: int | None = None, sigmas: float = 3.0,
            return_radii: bool = False, pose: torch.Tensor | None = None, *, memory_budget: int | None = None,
-           compile: bool = False):
+           compile: bool = False, kernel: str = "torch"):
     """Attenuation line integrals (rows, cols) of the model seen along ``rays``; differentiable.
 
     Each Gaussian contributes its exact cone-beam line integral to the pixels inside its projected
@@ -287,6 +300,10 @@ def render(model: GaussianModel, rays: ViewRays, pair_budget: int | None = None,
     case never holds more than that at once. ``compile=True`` runs the per-pair kernels through
     ``torch.compile`` (fused: ~2x faster, after a one-off compilation of tens of seconds); where that
     cannot work it falls back to the plain torch kernels, which are the reference.
+
+    ``kernel`` picks who evaluates the pairs (:func:`ixgs.kernels.choice.resolve_kernel`): "torch"
+    (the chunked pairs above, the reference), "numba" (CPU) or "triton" (CUDA), which never hold
+    pairs in memory (``pair_budget``, ``memory_budget`` and ``compile`` then do not apply), or "auto".
     """
     dtype, device = model.support_center.dtype, model.support_center.device
     shape = rays.shape
@@ -301,6 +318,11 @@ def render(model: GaussianModel, rays: ViewRays, pair_budget: int | None = None,
         pair_budget = chunk_pairs(device, dtype, budget)
     lower, extent, radius = footprints(model, P, shape, sigmas)
     table = gaussian_table(model, source, pose)
+    kernel = resolve_kernel(kernel, device)
+    if kernel != "torch":
+        image = kernel_module(kernel).LineIntegrals.apply(table, pixel_table(directions), lower, extent, shape)
+        image = image.reshape(shape)
+        return (image, radius) if return_radii else image
     # Half the budget may keep the pairs' indices for the backward pass (none is needed without one).
     keep_bytes = budget // 2 if torch.is_grad_enabled() and table.requires_grad else 0
     image = _LineIntegrals.apply(table, pixel_table(directions), lower, extent, shape, int(pair_budget),

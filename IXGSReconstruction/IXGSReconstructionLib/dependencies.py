@@ -12,7 +12,8 @@ import slicer
 
 MINIMUM_TORCH_VERSION = "2.0"
 # pip name -> import name; SimpleITK and numpy ship with Slicer.
-PIP_REQUIREMENTS = {"scikit-image": "skimage", "scipy": "scipy", "tqdm": "tqdm", "matplotlib": "matplotlib"}
+PIP_REQUIREMENTS = {"scikit-image": "skimage", "scipy": "scipy", "tqdm": "tqdm", "matplotlib": "matplotlib",
+                    "numba": "numba"}  # numba: the fast CPU kernels (ixgs.kernels)
 TORCH_MISSING_MESSAGE = (
     "IXGS needs PyTorch. Install the 'PyTorch' extension from the Extensions Manager, restart Slicer, "
     "then press Reconstruct again (it will offer to install torch for this computer's GPU or CPU)."

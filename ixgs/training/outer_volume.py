@@ -30,11 +30,12 @@ class OuterVolume(nn.Module):
         """(nz, ny, nx) 1/mm, zero inside the support."""
         return self.values * self.mask
 
-    def project(self, rays, pose: torch.Tensor | None = None) -> torch.Tensor:
-        """Line integrals through the outer volume along ``rays`` (moved by the view's ``pose``)."""
+    def project(self, rays, pose: torch.Tensor | None = None, kernel: str = "torch") -> torch.Tensor:
+        """Line integrals through the outer volume along ``rays`` (moved by the view's ``pose``), by the
+        ray marcher of ``kernel`` (:mod:`ixgs.kernels.choice`)."""
         if pose is not None:
             rays = transform_rays(rays, pose)
-        return forward_project(self.attenuation(), self.grid, rays)
+        return forward_project(self.attenuation(), self.grid, rays, kernel=kernel)
 
     @torch.no_grad()
     def clamp_(self) -> None:

@@ -185,9 +185,7 @@ class GaussianTrainer:
     def _measure_held_out(self, keep_best: bool) -> None:
         """Mean L1 of the held-out views at full resolution (their poses are not learned: none)."""
         level = self.levels[-1]
-        errors = [(self.outer.project(level.rays[i]) + render(self.model, level.rays[i], memory_budget=self.memory_budget,
-                                                                compile=self.settings.compile)
-                   - level.images[i]).abs().mean() for i in self.held_out.indices]
+        errors = [(self._project(level.rays[i], None)[0] - level.images[i]).abs().mean() for i in self.held_out.indices]
         self.held_out.record(self.iteration, float(torch.stack(errors).mean()), self.model, self.outer, keep_best)
 
     def _return_best_held_out_state(self) -> None:
@@ -268,8 +266,8 @@ class GaussianTrainer:
     def _project(self, rays, pose: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The view as the model sees it (Gaussians plus the outer volume) and the Gaussians' footprint radii."""
         image, radii = render(self.model, rays, return_radii=True, pose=pose, memory_budget=self.memory_budget,
-                              compile=self.settings.compile)
-        return image + self.outer.project(rays, pose), radii
+                              compile=self.settings.compile, kernel=self.settings.kernel)
+        return image + self.outer.project(rays, pose, kernel=self.settings.kernel), radii
 
     def _pose(self, index: int) -> torch.Tensor | None:
         """View ``index``'s learned rigid correction (4, 4), or None without pose refinement."""
@@ -296,7 +294,8 @@ class GaussianTrainer:
         size = [min(self.config.tv_patch, n) for n in shape]
         corner = [int(torch.randint(0, n - s + 1, (1,), generator=self.generator)) for n, s in zip(shape, size)]
         region = tuple(slice(c, c + s) for c, s in zip(corner, size))
-        patch = voxelize(self.model, self.tv_grid, region=region, memory_budget=self.memory_budget)
+        patch = voxelize(self.model, self.tv_grid, region=region, memory_budget=self.memory_budget,
+                         kernel=self.settings.kernel)
         return total_variation_3d(patch * self.model.half_extent)
 
     @torch.no_grad()
@@ -305,7 +304,8 @@ class GaussianTrainer:
         densest): its cost per voxel, under the machine's current load, sizes the final stage."""
         region = tuple(slice(max(n // 2 - 16, 0), max(n // 2 - 16, 0) + min(32, n)) for n in self.grid.shape)
         started = time.perf_counter()
-        block = voxelize(self.model, self.grid, region=region, memory_budget=self.memory_budget)
+        block = voxelize(self.model, self.grid, region=region, memory_budget=self.memory_budget,
+                         kernel=self.settings.kernel)
         self._measure(self.voxel_seconds, time.perf_counter() - started, block.numel())
 
     def final_stage_reserve_s(self, reprojected: int = 4) -> float:
