@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .geometry import Grid, Roi, binning_matrix, view_rays
+from .geometry import Grid, Roi, binning_matrix, project_points, view_rays
 from .phantom import (DISC_HU, FAT_HU, MUSCLE_HU, PHANTOMS, SOFT_TISSUE_HU, hu_to_attenuation)
 from .volume import Volume
 
@@ -176,6 +176,14 @@ class AnalyticPhantom:
         lower, upper = np.min(lowers, axis=0), np.max(uppers, axis=0)
         return Roi(tuple(0.5 * (lower + upper)), tuple(upper - lower))
 
+    def _lengths(self, primitive: Primitive, origins, directions, window) -> np.ndarray:
+        """Chord lengths (mm) of rays through ``primitive``, from the source on, inside the crop window."""
+        t0, t1 = primitive.chords(origins, directions)
+        t0 = np.maximum(t0, 0.0)  # rays start at the source
+        if window is not None:
+            t0, t1 = np.maximum(t0, window[0]), np.minimum(t1, window[1])
+        return np.maximum(t1 - t0, 0.0)
+
     def line_integrals(self, origins: np.ndarray, directions: np.ndarray) -> np.ndarray:
         """Exact line integrals along rays (origins and unit directions (..., 3), mm): each primitive's
         chord (clipped to the crop box) times its density."""
@@ -183,26 +191,28 @@ class AnalyticPhantom:
         window = box_interval(origins, directions, self.crop) if self.crop is not None else None
         total = np.zeros(origins.shape[:-1])
         for primitive in self.primitives:
-            t0, t1 = primitive.chords(origins, directions)
-            t0 = np.maximum(t0, 0.0)  # rays start at the source
-            if window is not None:
-                t0, t1 = np.maximum(t0, window[0]), np.minimum(t1, window[1])
-            total += primitive.density * np.maximum(t1 - t0, 0.0)
+            total += primitive.density * self._lengths(primitive, origins, directions, window)
         return total
 
     def project(self, projection_matrix: np.ndarray, shape: tuple[int, int], supersample: int = 3) -> np.ndarray:
         """A view (rows, cols): each pixel the mean line integral of ``supersample``^2 sub-rays spread
         evenly over it (a finite pixel). ``projection_matrix`` normalised as for
-        :func:`~ixgs.geometry.view_rays`."""
+        :func:`~ixgs.geometry.view_rays`. Each primitive is traced only over the pixels its
+        bounding box projects to."""
         rows, cols = shape
         n = int(supersample)
         # Sub-pixel rays: the pixel centres of an n-times finer image tile each pixel evenly.
         fine = np.linalg.inv(binning_matrix(n)) @ np.asarray(projection_matrix, float)
         rays = view_rays(fine, (rows * n, cols * n), dtype=torch.float64)
-        source = rays.source.numpy()
         directions = rays.directions.numpy()
-        values = self.line_integrals(np.broadcast_to(source, directions.shape), directions)
-        return values.reshape(rows, n, cols, n).mean(axis=(1, 3))
+        origins = np.broadcast_to(rays.source.numpy(), directions.shape)
+        window = box_interval(origins, directions, self.crop) if self.crop is not None else None
+        image = np.zeros((rows * n, cols * n))
+        for primitive in self.primitives:
+            block = _footprint(primitive, fine, image.shape)
+            clipped = None if window is None else (window[0][block], window[1][block])
+            image[block] += primitive.density * self._lengths(primitive, origins[block], directions[block], clipped)
+        return image.reshape(rows, n, cols, n).mean(axis=(1, 3))
 
     def density(self, points: np.ndarray) -> np.ndarray:
         """Attenuation (1/mm) at points (..., 3)."""
@@ -243,6 +253,20 @@ class AnalyticPhantom:
         if self.crop is not None:
             volume *= _box_fraction(grid, self.crop)
         return Volume.on_grid(volume.astype(np.float32), grid)
+
+
+def _footprint(primitive: Primitive, projection_matrix: np.ndarray, shape: tuple[int, int]) -> tuple[slice, slice]:
+    """Image rows and columns that can see ``primitive``: the projection of its bounding box's corners
+    (the whole image when a corner is not in front of the source)."""
+    lower, upper = primitive.bounds()
+    corners = np.array([[lower[a] if (k >> a) & 1 == 0 else upper[a] for a in range(3)] for k in range(8)])
+    uvw = project_points(projection_matrix, corners)
+    if np.any(uvw[:, 2] <= 0):
+        return slice(0, shape[0]), slice(0, shape[1])
+    low = np.floor(uvw[:, :2].min(axis=0)).astype(int) - 1
+    high = np.ceil(uvw[:, :2].max(axis=0)).astype(int) + 2
+    return (slice(int(np.clip(low[1], 0, shape[0])), int(np.clip(high[1], 0, shape[0]))),
+            slice(int(np.clip(low[0], 0, shape[1])), int(np.clip(high[0], 0, shape[1]))))
 
 
 def _box_fraction(grid: Grid, box: Roi) -> np.ndarray:
