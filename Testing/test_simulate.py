@@ -161,13 +161,13 @@ def test_analytic_scan_has_the_asked_arc_and_exact_views(tmp_path):
 
 
 def test_object_field_of_view_leaves_a_cropped_phantom_untruncated(tmp_path):
-    from ixgs.analytic import make_analytic_phantom
+    from ixgs.analytic import box_corners, make_analytic_phantom
 
     roi = default_roi("spine")
     phantom = make_analytic_phantom("spine", seed=0).cropped(roi)
     scan = read_scan(simulate_scan(phantom, tmp_path / "spine", n_views=3, detector_px=20, seed=1, roi=roi,
                                    field_of_view="object", reference_voxel_mm=10.0))
-    corners = np.array([[roi.lower[a] if (k >> a) & 1 == 0 else roi.upper[a] for a in range(3)] for k in range(8)])
+    corners = box_corners(roi.lower, roi.upper)
     for view in scan.views:
         uv = project_points(view.projection_matrix, corners)[:, :2]
         assert np.all((uv > -0.5) & (uv < 19.5))

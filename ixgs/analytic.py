@@ -255,12 +255,15 @@ class AnalyticPhantom:
         return Volume.on_grid(volume.astype(np.float32), grid)
 
 
+def box_corners(lower, upper) -> np.ndarray:
+    """The 8 corners (8, 3) of an axis-aligned box."""
+    return np.array([[lower[a] if (k >> a) & 1 == 0 else upper[a] for a in range(3)] for k in range(8)])
+
+
 def _footprint(primitive: Primitive, projection_matrix: np.ndarray, shape: tuple[int, int]) -> tuple[slice, slice]:
     """Image rows and columns that can see ``primitive``: the projection of its bounding box's corners
     (the whole image when a corner is not in front of the source)."""
-    lower, upper = primitive.bounds()
-    corners = np.array([[lower[a] if (k >> a) & 1 == 0 else upper[a] for a in range(3)] for k in range(8)])
-    uvw = project_points(projection_matrix, corners)
+    uvw = project_points(projection_matrix, box_corners(*primitive.bounds()))
     if np.any(uvw[:, 2] <= 0):
         return slice(0, shape[0]), slice(0, shape[1])
     low = np.floor(uvw[:, :2].min(axis=0)).astype(int) - 1

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from skimage.filters import gaussian
 
-from .analytic import AnalyticPhantom
+from .analytic import AnalyticPhantom, box_corners
 from .geometry import Roi, normalize_projection_matrix, project_points, view_rays
 from .phantom import hu_to_attenuation
 from .projector import forward_project, sample_volume
@@ -142,7 +142,7 @@ def reference_volume(attenuation: torch.Tensor, grid, roi: Roi, voxel_size_mm: f
 def object_pixel_spacing(poses: list[CArmPose], box: Roi, detector_px: int, isocenter) -> float:
     """Square detector pixel spacing (mm) at which every corner of ``box`` projects inside the
     detector in every view: an untruncated scan of an object inside ``box``."""
-    corners = np.array([[box.lower[a] if (k >> a) & 1 == 0 else box.upper[a] for a in range(3)] for k in range(8)])
+    corners = box_corners(box.lower, box.upper)
     half_extent_mm = 0.0  # farthest corner from the detector centre, on a detector of 1 mm pixels
     for pose in poses:
         P = pose.projection_matrix((detector_px, detector_px), (1.0, 1.0), isocenter)
