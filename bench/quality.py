@@ -327,6 +327,7 @@ def main() -> None:
             on_disk = json.loads(path.read_text())
             for section in ("cases", "ceiling"):
                 record[section] = {**on_disk[section], **record[section]}
+            record["notes"] = on_disk.get("notes", record.get("notes"))
         path.write_text(json.dumps(record, indent=1))
         path.with_suffix(".md").write_text(markdown(record))
 
@@ -392,6 +393,8 @@ def markdown(record: dict) -> str:
               "--iterations 1000 --time-budget <the Gaussian CPU s>` on an idle machine):", ""]
     for row in record["cases"].values():
         lines += [f"    {row['simulate']}", f"    {row['gaussian']['command']}"]
+    if record.get("notes"):  # the diagnosis, written into the record by whoever ran it
+        lines += ["", "## Diagnosis", "", *record["notes"]]
     return "\n".join(lines) + "\n"
 
 
