@@ -380,6 +380,13 @@ def markdown(record: dict) -> str:
                      f"{g['wall_s']} | {s['psnr']} / {s['ssim']} / {s['dice']} ({s['passes']}) | {t['psnr']} / "
                      f"{t['ssim']} / {t['dice']} ({t['passes']}) | {row['gain_over_sart_db']} | "
                      f"{row['gain_over_sart_tv_db']} | {g['load_before'][0]}/{g['load_after'][0]} |")
+    rtk_rows = [(name, row["rtk_cg"]) for name, row in record["cases"].items() if "rtk_cg" in row]
+    if rtk_rows:
+        lines += ["", "RTK's conjugate gradient (`--rtk`, same views, SART's 2.5x box, one thread), for comparison:", "",
+                  "| case | iterations | CPU-bound wall s | PSNR / SSIM / Dice | G - RTK CG dB |", "| --- | --- | --- | --- | --- |"]
+        for name, r in rtk_rows:
+            lines.append(f"| {name} | {r['iterations']} | {r['wall_s']} | {r['psnr']} / {r['ssim']} / {r['dice']} | "
+                         f"{round(record['cases'][name]['gaussian']['psnr'] - r['psnr'], 2)} |")
     if record["ceiling"]:
         lines += ["", "Representational ceiling: N Gaussians fitted to the reference in 3D (the engine's warm start "
                   "from the reference itself, then Adam on random 48^3 blocks for a fixed CPU time).", "",
