@@ -320,13 +320,16 @@ def main() -> None:
         "gaussian_run": f"--iterations {args.iterations}" if args.iterations else f"--time-budget {args.budget}",
         "sart_tv": {"tv_weight": SART_TV_WEIGHT, "tv_steps": SART_TV_STEPS}, "cases": {}, "ceiling": {}}
 
+    changed: set[tuple[str, str]] = set()  # (section, key) this run wrote: only those override the file
+
     def save() -> None:
         """Write the record, merging what other runs of this script with the same tag added meanwhile."""
         RESULTS.mkdir(exist_ok=True)
         if path.exists():
             on_disk = json.loads(path.read_text())
             for section in ("cases", "ceiling"):
-                record[section] = {**on_disk[section], **record[section]}
+                mine = {key: value for key, value in record[section].items() if (section, key) in changed}
+                record[section] = {**record[section], **on_disk[section], **mine}
             record["notes"] = on_disk.get("notes", record.get("notes"))
         path.write_text(json.dumps(record, indent=1))
         path.with_suffix(".md").write_text(markdown(record))
@@ -340,6 +343,7 @@ def main() -> None:
                 row = record["cases"][name]
                 if args.rtk and "rtk_cg" not in row:
                     row["rtk_cg"] = run_rtk(simulate(name, args, Path(work))[0], "cg", args.rtk)
+                    changed.add(("cases", name))
                     save()
                 else:
                     print(f"[{name}] already recorded, skipped", flush=True)
@@ -349,6 +353,7 @@ def main() -> None:
                 row["rtk_cg"] = run_rtk(Path(work) / name, "cg", args.rtk)
             row["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             record["cases"][name] = row
+            changed.add(("cases", name))
             save()
             print(json.dumps({k: row[k] for k in ("gain_over_sart_db", "gain_over_sart_tv_db")}), flush=True)
     for n in args.ceiling:
@@ -359,6 +364,7 @@ def main() -> None:
         print(f"[ceiling {key}] fitting for {args.ceiling_seconds} s", flush=True)
         record["ceiling"][key] = {**fit_ceiling(args.ceiling_phantom, n, args.ceiling_seconds, args.seed),
                                   "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        changed.add(("ceiling", key))
         save()
     save()
     print(markdown(record))
