@@ -389,7 +389,7 @@ def markdown(record: dict) -> str:
     rtk_rows = [(name, row["rtk_cg"]) for name, row in record["cases"].items() if "rtk_cg" in row]
     if rtk_rows:
         lines += ["", "RTK's conjugate gradient (`--rtk`, same views, SART's 2.5x box, one thread), for comparison:", "",
-                  "| case | iterations | CPU-bound wall s | PSNR / SSIM / Dice | G - RTK CG dB |", "| --- | --- | --- | --- | --- |"]
+                  "| case | iterations | wall s | PSNR / SSIM / Dice | G - RTK CG dB |", "| --- | --- | --- | --- | --- |"]
         for name, r in rtk_rows:
             lines.append(f"| {name} | {r['iterations']} | {r['wall_s']} | {r['psnr']} / {r['ssim']} / {r['dice']} | "
                          f"{round(record['cases'][name]['gaussian']['psnr'] - r['psnr'], 2)} |")
