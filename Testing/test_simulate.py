@@ -131,3 +131,64 @@ def test_default_roi_is_the_bone_bounding_box():
     assert np.allclose(bone.min(axis=0) - 5.0, roi.lower) and np.allclose(bone.max(axis=0) + 5.0, roi.upper)
     with pytest.raises(ValueError, match="no bone"):
         bone_roi(Volume(np.zeros((4, 4, 4), np.float32), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)))
+
+
+def primary_angle(projection_matrix, isocenter) -> float:
+    """DICOM primary angle (degrees) of a view from its source position."""
+    beam = np.asarray(isocenter) - source_position(projection_matrix)
+    return float(np.degrees(np.arctan2(beam[0], -beam[1])))
+
+
+def test_analytic_scan_has_the_asked_arc_and_exact_views(tmp_path):
+    from ixgs.analytic import make_analytic_phantom
+
+    phantom = make_analytic_phantom("knee", seed=2)
+    roi = default_roi("knee")
+    scan = read_scan(simulate_scan(phantom, tmp_path / "knee", n_views=4, detector_px=16, seed=3, roi=roi,
+                                   primary_range=(-60.0, 60.0), secondary_range=(0.0, 0.0), reference_voxel_mm=10.0))
+    angles = [primary_angle(view.projection_matrix, roi.center) for view in scan.views]
+    assert np.all(np.floor((np.array(angles) + 60.0) / 30.0) == np.arange(4))  # one per 30-degree stratum
+    for view in scan.views:
+        assert source_position(view.projection_matrix)[2] == pytest.approx(roi.center[2])  # secondary 0: level beam
+        assert np.allclose(view.image, phantom.project(view.projection_matrix, (16, 16)), atol=1e-6)
+    reference = Volume.read(scan.reference_volume)
+    assert reference.array.shape == roi.grid(10.0).shape
+    assert np.allclose(reference.array, phantom.reference(roi.grid(10.0)).array)
+    with pytest.raises(ValueError, match="primary_range"):
+        simulate_scan(phantom, tmp_path / "bad", n_views=2, detector_px=8, roi=roi, primary_range=(30.0, -30.0))
+    with pytest.raises(ValueError, match="roi"):
+        simulate_scan(phantom, tmp_path / "bad", n_views=2, detector_px=8)
+
+
+def test_object_field_of_view_leaves_a_cropped_phantom_untruncated(tmp_path):
+    from ixgs.analytic import box_corners, make_analytic_phantom
+
+    roi = default_roi("spine")
+    phantom = make_analytic_phantom("spine", seed=0).cropped(roi)
+    scan = read_scan(simulate_scan(phantom, tmp_path / "spine", n_views=3, detector_px=20, seed=1, roi=roi,
+                                   field_of_view="object", reference_voxel_mm=10.0))
+    corners = box_corners(roi.lower, roi.upper)
+    for view in scan.views:
+        uv = project_points(view.projection_matrix, corners)[:, :2]
+        assert np.all((uv > -0.5) & (uv < 19.5))
+        assert np.abs(uv - 9.5).max() > 9.0  # and the detector is not much larger than needed
+        border = np.concatenate([view.image[0], view.image[-1], view.image[:, 0], view.image[:, -1]])
+        assert border.max() < 0.05 * view.image.max()  # nothing attenuates beyond the object
+
+
+def test_simulate_command_defaults_to_the_analytic_model(tmp_path):
+    from ixgs.analytic import make_analytic_phantom
+    from ixgs.cli import main
+
+    out = tmp_path / "scan"
+    assert main(["simulate", "--phantom", "knee", "--views", "2", "--detector", "12", "--seed", "5",
+                 "--primary-range", "-10", "10", "--secondary-range", "-5", "5", "--reference-voxel", "10",
+                 "--progress", "none",
+                 "-o", str(out)]) == 0
+    scan = read_scan(out)
+    phantom = make_analytic_phantom("knee", seed=5)
+    assert np.allclose(scan.views[0].image, phantom.project(scan.views[0].projection_matrix, (12, 12)), atol=1e-6)
+    assert all(abs(primary_angle(view.projection_matrix, scan.roi.center)) <= 10.0 for view in scan.views)
+    assert main(["simulate", "--phantom", "knee", "--model", "voxel", "--crop", "1", "--views", "2",
+                 "-o", str(tmp_path / "bad")]) == 2
+    assert not (tmp_path / "bad").exists()

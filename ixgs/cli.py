@@ -229,14 +229,27 @@ def _summary(report: dict, output) -> dict:
 
 
 def _cmd_simulate(args) -> int:
+    from .analytic import make_analytic_phantom
     from .phantom import default_roi, make_phantom
     from .simulate import simulate_scan
 
-    phantom = make_phantom(args.phantom, seed=args.seed)
+    roi = default_roi(args.phantom)
+    if args.model == "analytic":
+        phantom = make_analytic_phantom(args.phantom, seed=args.seed)
+        if args.crop is not None:
+            if args.crop < 1:
+                raise ValueError(f"--crop must be at least 1 (a box around the ROI), got {args.crop}")
+            phantom = phantom.cropped(roi.expanded(args.crop))
+    elif args.crop is not None:
+        raise ValueError("--crop needs --model analytic")
+    else:
+        phantom = make_phantom(args.phantom, seed=args.seed)
     with tqdm(total=args.views, desc="simulate", unit="view", file=sys.stderr,
               disable=args.progress == "none") as bar:
         path = simulate_scan(phantom, args.output, n_views=args.views, detector_px=args.detector, seed=args.seed,
-                             transmission=args.transmission, roi=default_roi(args.phantom),
+                             transmission=args.transmission, i0=args.i0, roi=roi,
+                             primary_range=tuple(args.primary_range), secondary_range=tuple(args.secondary_range),
+                             field_of_view=args.field_of_view, reference_voxel_mm=args.reference_voxel,
                              progress=lambda done, total: bar.update(done - bar.n))
     print(str(path))
     return 0
@@ -409,6 +422,23 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--detector", type=positive_int, default=128, help="detector size in pixels (square)")
     simulate.add_argument("--seed", type=int, default=0)
     simulate.add_argument("--transmission", action="store_true", help="raw detector counts with Poisson noise")
+    simulate.add_argument("--i0", type=float, default=1e4, help="unattenuated counts per pixel of --transmission")
+    simulate.add_argument("--model", choices=("analytic", "voxel"), default="analytic",
+                          help="analytic: exact line integrals of an ellipsoid/cylinder phantom (no inverse crime); "
+                               "voxel: the 1 mm CT phantom through the voxel ray marcher SART inverts")
+    simulate.add_argument("--primary-range", type=float, nargs=2, metavar=("MIN", "MAX"), default=(-90.0, 90.0),
+                          help="primary (LAO/RAO) angles, degrees, DICOM (default -90 90)")
+    simulate.add_argument("--secondary-range", type=float, nargs=2, metavar=("MIN", "MAX"), default=(-30.0, 30.0),
+                          help="secondary (cranial/caudal) angles, degrees, DICOM (default -30 30)")
+    simulate.add_argument("--field-of-view", choices=("roi", "object"), default="roi",
+                          help="roi: the detector sees 1.6x the ROI, the body is truncated; object: it sees the "
+                               "whole object (coarser pixels)")
+    simulate.add_argument("--reference-voxel", type=float, metavar="MM",
+                          help="voxel of the reference volume (default: analytic, the ROI's longest side / 128; "
+                               "voxel, 1 mm)")
+    simulate.add_argument("--crop", type=float, metavar="FACTOR",
+                          help="analytic only: keep the phantom inside the ROI grown by FACTOR (1: an object "
+                               "wholly inside the ROI; with --field-of-view object, an untruncated scan)")
     simulate.add_argument("--progress", choices=("bar", "none"), default="bar")
     simulate.add_argument("-o", "--output", required=True)
     simulate.set_defaults(run=_cmd_simulate, output_kind=SCAN_KIND, read_from=lambda a: [])

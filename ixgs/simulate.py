@@ -1,4 +1,4 @@
-"""C-arm poses and simulated scans of a CT phantom (attenuation or noisy transmission images).
+"""C-arm poses and simulated scans of a phantom (attenuation or noisy transmission images).
 
 Detector orientation (every view): the image is displayed as seen from the detector side looking
 towards the source, like a conventional radiograph. At primary = secondary = 0 (AP: source
@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from skimage.filters import gaussian
 
-from .geometry import Roi, normalize_projection_matrix, view_rays
+from .analytic import AnalyticPhantom, box_corners
+from .geometry import Roi, normalize_projection_matrix, project_points, view_rays
 from .limits import check_memory, simulation_needs
 from .phantom import hu_to_attenuation
 from .projector import forward_project, sample_volume
@@ -139,37 +140,73 @@ def reference_volume(attenuation: torch.Tensor, grid, roi: Roi, voxel_size_mm: f
     return Volume.on_grid(values.cpu().numpy().astype(np.float32), roi_grid)
 
 
-def simulate_scan(phantom: Volume, out_dir: str | os.PathLike, n_views: int = 20, detector_px: int = 128,
-                  seed: int = 0, transmission: bool = False, i0: float = 1e4, blur_px: float = 0.7,
-                  roi: Roi | None = None, progress: Callable[[int, int], None] | None = None,
-                  device="cpu", field_of_view_factor: float = FIELD_OF_VIEW_FACTOR) -> Path:
-    """Simulate C-arm views of a CT phantom (HU) and write them as a scan folder.
+def object_pixel_spacing(poses: list[CArmPose], box: Roi, detector_px: int, isocenter) -> float:
+    """Square detector pixel spacing (mm) at which every corner of ``box`` projects inside the
+    detector in every view: an untruncated scan of an object inside ``box``."""
+    corners = box_corners(box.lower, box.upper)
+    half_extent_mm = 0.0  # farthest corner from the detector centre, on a detector of 1 mm pixels
+    for pose in poses:
+        P = pose.projection_matrix((detector_px, detector_px), (1.0, 1.0), isocenter)
+        uv = project_points(P, corners)[:, :2]
+        half_extent_mm = max(half_extent_mm, float(np.abs(uv - 0.5 * (detector_px - 1)).max()))
+    return 1.01 * half_extent_mm / (0.5 * detector_px)
 
-    The ROI (default: the bone's bounding box) sits at the isocentre; the detector sees
-    ``field_of_view_factor`` times its largest side (:func:`fitting_pixel_spacing`; 1.1 makes the ROI
-    fill the detector); the rest of the body is truncated, as in real intraoperative views.
-    Attenuation scans hold exact line integrals; transmission scans hold
-    ``Poisson(i0 exp(-line integral))`` blurred by a Gaussian of ``blur_px`` pixels, with ``i0``
-    written. The ground truth attenuation on the ROI is written as the reference volume.
-    ``progress(done, total)`` is called after each view.
+
+def simulate_scan(phantom: Volume | AnalyticPhantom, out_dir: str | os.PathLike, n_views: int = 20,
+                  detector_px: int = 128, seed: int = 0, transmission: bool = False, i0: float = 1e4,
+                  blur_px: float = 0.7, roi: Roi | None = None, progress: Callable[[int, int], None] | None = None,
+                  device="cpu", field_of_view_factor: float = FIELD_OF_VIEW_FACTOR,
+                  primary_range=(-90.0, 90.0), secondary_range=(-30.0, 30.0), field_of_view: str = "roi",
+                  supersample: int = 3, reference_voxel_mm: float | None = None) -> Path:
+    """Simulate C-arm views of a phantom and write them as a scan folder.
+
+    ``phantom``: a CT (HU, projected by the trilinear ray marcher SART also uses: fine for tests,
+    an inverse crime for benchmarks) or an :class:`~ixgs.analytic.AnalyticPhantom` (exact line
+    integrals, ``supersample``^2 sub-rays per pixel). Poses spread over ``primary_range`` and
+    ``secondary_range`` (degrees, DICOM). The ROI (default: the CT's bone bounding box) sits at the
+    isocentre; with ``field_of_view`` "roi" the detector sees ``field_of_view_factor`` times its
+    largest side (:func:`fitting_pixel_spacing`; 1.1 makes the ROI fill the detector) and the rest of
+    the body is truncated, as in real intraoperative views; with "object" the pixel spacing makes the
+    whole object (an analytic phantom's bounds, its crop box when cropped) fit every view.
+    Attenuation scans hold line integrals; transmission scans hold ``Poisson(i0 exp(-line integral))``
+    blurred by a Gaussian of ``blur_px`` pixels, with ``i0`` written. The ground truth attenuation on
+    the ROI is written as the reference volume: a CT resampled at max(1 mm, its voxel), an analytic
+    phantom's exact voxel means on a grid of ``reference_voxel_mm`` (default: the ROI's longest
+    side / 128, the reconstruction's default grid). ``progress(done, total)`` is called after each view.
     """
     check_memory(simulation_needs(n_views, detector_px), device)
-    if not np.allclose(np.asarray(phantom.direction, float), np.eye(3), atol=1e-6):
+    analytic = isinstance(phantom, AnalyticPhantom)
+    if not analytic and not np.allclose(np.asarray(phantom.direction, float), np.eye(3), atol=1e-6):
         raise ValueError("simulate_scan needs an axis-aligned phantom (identity direction)")
+    if analytic and roi is None:
+        raise ValueError("simulate_scan needs an roi for an analytic phantom")
     if transmission and i0 <= 0:
         raise ValueError(f"i0 must be positive for a transmission scan, got {i0}")
+    if field_of_view not in ("roi", "object"):
+        raise ValueError(f"field_of_view must be 'roi' or 'object', got {field_of_view!r}")
+    for name, (low, high) in (("primary_range", primary_range), ("secondary_range", secondary_range)):
+        if not -180.0 <= low <= high <= 180.0:
+            raise ValueError(f"{name} must satisfy -180 <= min <= max <= 180 degrees, got {low} {high}")
     rng = np.random.default_rng(seed)
     roi = bone_roi(phantom) if roi is None else roi
-    poses = random_c_arm_poses(n_views, rng)
-    spacing = fitting_pixel_spacing(poses, roi, detector_px, field_of_view_factor)
-    grid = phantom.grid
-    attenuation = hu_to_attenuation(torch.as_tensor(np.asarray(phantom.array, dtype=np.float32), device=device))
+    poses = random_c_arm_poses(n_views, rng, primary_range=primary_range, secondary_range=secondary_range)
+    if field_of_view == "object":
+        spacing = object_pixel_spacing(poses, phantom.bounds() if analytic else phantom.grid.roi, detector_px,
+                                       roi.center)
+    else:
+        spacing = fitting_pixel_spacing(poses, roi, detector_px, field_of_view_factor)
+    if not analytic:
+        grid = phantom.grid
+        attenuation = hu_to_attenuation(torch.as_tensor(np.asarray(phantom.array, dtype=np.float32), device=device))
     images, matrices = [], []
     for index, pose in enumerate(poses):
         P = pose.projection_matrix((detector_px, detector_px), (spacing, spacing), roi.center)
-        with torch.no_grad():
-            line_integrals = forward_project(attenuation, grid, view_rays(P, (detector_px, detector_px), device=device))
-        image = line_integrals.cpu().numpy().astype(np.float64)
+        if analytic:
+            image = phantom.project(P, (detector_px, detector_px), supersample)
+        else:
+            with torch.no_grad():
+                line_integrals = forward_project(attenuation, grid, view_rays(P, (detector_px, detector_px), device=device))
+            image = line_integrals.cpu().numpy().astype(np.float64)
         if transmission:
             counts = rng.poisson(i0 * np.exp(-image)).astype(np.float64)
             image = gaussian(counts, sigma=blur_px, preserve_range=True) if blur_px > 0 else counts
@@ -177,6 +214,9 @@ def simulate_scan(phantom: Volume, out_dir: str | os.PathLike, n_views: int = 20
         matrices.append(P)
         if progress is not None:
             progress(index + 1, n_views)
-    reference = reference_volume(attenuation, grid, roi, max(1.0, float(min(grid.spacing))))
+    if analytic:
+        reference = phantom.reference(roi.grid(reference_voxel_mm or max(roi.size) / 128))
+    else:
+        reference = reference_volume(attenuation, grid, roi, reference_voxel_mm or max(1.0, float(min(grid.spacing))))
     return write_scan(out_dir, images, matrices, intensity="transmission" if transmission else "attenuation",
                       i0=i0 if transmission else None, roi=roi, reference=reference)
