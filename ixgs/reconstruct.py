@@ -359,8 +359,6 @@ class _GaussianTrainer:
     # Densify the Gaussians with the largest mean positional gradient: the top DENSIFY_FRACTION each
     # round (gradients of all Gaussians are of one order here, so a fixed threshold clones all or none).
     DENSIFY_FRACTION = 0.1
-    SPLIT_SCALE_FRACTION = 0.05
-    MIN_DENSITY = 2e-4  # 1/mm
     MIN_LEVEL_PIXELS = 32
     FINAL_STAGE_FRACTION = 0.15  # of a time budget, kept for the final voxelization and re-projections
     POSE_LR = 0.1  # mm (and mm of arc at the ROI's half side) per step of the view's own Adam state
@@ -416,20 +414,19 @@ class _GaussianTrainer:
         return levels
 
     def _initial_state(self, preset: dict) -> tuple[GaussianModel, torch.Tensor]:
-        """Gaussians in the support and the outer volume: from a coarse SART, or random and uniform."""
+        """Gaussians in the support and the outer volume: from SART, or random and uniform."""
         n = self.settings.gaussians or preset["gaussians"]
         support = self.support_grid.roi
         if self.settings.init == "sart":
-            sart_grid = self.outer_grid.roi.grid(max(self.outer_grid.roi.size) / 96)  # a warm start, not the answer
-            # Views binned 2 x 2 where that leaves a level's worth of pixels: on this coarse grid they
-            # lose little, and the warm start costs a quarter (it took a quarter of a 3-minute budget).
-            factor = 2 if self.levels[0].factor > 1 else 1
-            values = _sart(_binned_views(self.scan, factor), sart_grid, 2, self.device, self.clock, self.settings.seed,
+            # The SART of method "sart" (its box and voxel): the Gaussians fit it on the output grid,
+            # deterministically, so the run starts no worse than SART (up to what n Gaussians hold).
+            sart_grid = _sart_grid(self.scan, self.support_grid, self.settings.sart_factor / self.settings.support_factor)
+            values = _sart(_binned_views(self.scan, 1), sart_grid, 2, self.device, self.clock, self.settings.seed,
                            budget_fraction=0.25)
-            inner_grid = support.grid(max(sart_grid.spacing))
-            inner = sample_volume(values, sart_grid, torch.as_tensor(inner_grid.voxel_centers(), dtype=values.dtype,
-                                                                    device=values.device))
-            model = GaussianModel.from_volume(inner, inner_grid, n, self.generator, support=support)
+            inner = sample_volume(values, sart_grid, torch.as_tensor(self.support_grid.voxel_centers(),
+                                                                    dtype=values.dtype, device=values.device))
+            model = GaussianModel.from_volume_deterministic(inner, self.support_grid, n, support)
+            # Zero beyond SART's box, as SART has it: the outer volume learns the rest.
             outer = sample_volume(values, sart_grid, torch.as_tensor(self.outer_grid.voxel_centers(),
                                                                      dtype=values.dtype, device=values.device))
             return model.to(self.device), outer
@@ -518,9 +515,8 @@ class _GaussianTrainer:
             if self.DENSIFY_FROM <= fraction <= self.DENSIFY_UNTIL and self.iteration % self.DENSIFY_EVERY == 0:
                 mean_gradient = grad_accum / seen.clamp(min=1)
                 threshold = float(torch.quantile(mean_gradient, 1.0 - self.DENSIFY_FRACTION))
-                self.model.densify_and_prune(
-                    self.optimizer, mean_gradient, max(threshold, 1e-12), self.SPLIT_SCALE_FRACTION,
-                    self.MIN_DENSITY, self.max_gaussians, self.generator)
+                self.model.densify_and_prune(self.optimizer, mean_gradient, max(threshold, 1e-12),
+                                             max(self.support_grid.spacing), self.max_gaussians)
                 grad_accum = torch.zeros(len(self.model), device=self.device)
                 seen = torch.zeros(len(self.model), device=self.device)
             if self.settings.checkpoint is not None and self.iteration % self.settings.checkpoint_every == 0:
