@@ -194,7 +194,8 @@ class GaussianModel(nn.Module):
             kernel = torch.exp(-0.5 * offset ** 2) * (offset.abs() <= KERNEL_SIGMAS)
             kernels.append(kernel.to(device, dtype))
         densities = _nonnegative_separable_fit(kernels, target, iterations)
-        # Softplus needs rho > 0: empty cells keep a negligible density, which the views can still raise.
+        # Softplus needs rho > 0: empty cells get a negligible density; densify_and_prune's mass rule
+        # removes them unless the views raise it first.
         densities = densities.clamp(min=1e-6 * float(target.max())).reshape(-1)
         means = torch.as_tensor(lattice.voxel_centers(), dtype=dtype, device=device).reshape(-1, 3)
         n = means.shape[0]
@@ -341,6 +342,7 @@ class GaussianModel(nn.Module):
         ``min_mass_voxels`` voxels' worth of ``min_attenuation`` (1/mm; the default 2e-3 is a tenth
         of water's), i.e. ``mass < min_mass_voxels x min_attenuation x voxel_size_mm^3``: a faint
         but large Gaussian (soft tissue) stays, one that adds nothing visible to any voxel goes.
+        Nothing is random (no generator): the same model and gradients give the same result.
         """
         n = len(self)
         if tuple(grad_accum.shape) != (n,):
