@@ -43,8 +43,11 @@ class TrainingConfig:
     # Densify the Gaussians with the largest mean positional gradient: the top densify_fraction each
     # round (gradients of all Gaussians are of one order here, so a fixed threshold clones all or none).
     densify_fraction: float = 0.1
-    split_scale_fraction: float = 0.05
-    min_density: float = 2e-4  # 1/mm
+    # Split (mass-conserving) a Gaussian whose largest sigma exceeds split_voxels output voxels, else clone;
+    # prune one whose mass is below min_mass_voxels voxels' worth of min_attenuation (1/mm).
+    split_voxels: float = 1.0
+    min_attenuation: float = 2e-3
+    min_mass_voxels: float = 0.5
     min_level_pixels: int = 32  # coarsest level: the smaller image side stays at least this
     max_levels: int = 3
     coarse_fraction: float = 0.4  # of the run spent on the coarse levels, equally
@@ -57,7 +60,6 @@ class TrainingConfig:
     # over the fitted views; the run stops once it has not improved for held_out_patience measurements
     # after densification, and the best state is returned.
     held_out_patience: int = 3
-    warm_start_cells: int = 96  # voxels along the SART warm start's longest side
     warm_start_iterations: int = 2
     warm_start_budget_fraction: float = 0.25  # of a time budget, at most
 

@@ -1,4 +1,4 @@
-"""Where the Gaussians and the outer volume start: from a coarse SART (default) or random and uniform."""
+"""Where the Gaussians and the outer volume start: fitted to SART (default) or random and uniform."""
 from __future__ import annotations
 
 import numpy as np
@@ -11,6 +11,7 @@ from ..sart import sart_reconstruct
 from ..scan import Scan
 from .clock import Clock
 from .config import TrainingConfig
+from .grids import sart_grid
 from .schedule import binned_views
 
 
@@ -26,21 +27,21 @@ def run_sart(views: list[tuple[np.ndarray, np.ndarray]], grid: Grid, iterations:
     return values
 
 
-def sart_start(scan: Scan, support: Roi, outer_grid: Grid, n: int, generator: torch.Generator, device: torch.device,
-               clock: Clock, seed: int, config: TrainingConfig, bin_views: bool) -> tuple[GaussianModel, torch.Tensor]:
-    """Gaussians drawn from a coarse SART of the whole outer box, and the outer volume sampled from it.
+def sart_start(scan: Scan, support_grid: Grid, outer_grid: Grid, n: int, device: torch.device, clock: Clock,
+               seed: int, config: TrainingConfig, sart_factor: float) -> tuple[GaussianModel, torch.Tensor]:
+    """Gaussians fitted to the SART of method "sart" (its box, ``sart_factor`` x the ROI, and its voxel),
+    and the outer volume sampled from it (zero beyond SART's box: the outer volume learns the rest).
 
-    ``bin_views``: use views binned 2 x 2 (where that leaves a level's worth of pixels): on this coarse
-    grid they lose little, and the warm start costs a quarter."""
-    sart_grid = outer_grid.roi.grid(max(outer_grid.roi.size) / config.warm_start_cells)  # a warm start, not the answer
-    values = run_sart(binned_views(scan, 2 if bin_views else 1), sart_grid, config.warm_start_iterations, device,
-                      clock, seed, budget_fraction=config.warm_start_budget_fraction)
-    inner_grid = support.grid(max(sart_grid.spacing))
-    inner = sample_volume(values, sart_grid, torch.as_tensor(inner_grid.voxel_centers(), dtype=values.dtype,
-                                                            device=values.device))
-    model = GaussianModel.from_volume(inner, inner_grid, n, generator, support=support)
-    outer = sample_volume(values, sart_grid, torch.as_tensor(outer_grid.voxel_centers(), dtype=values.dtype,
-                                                             device=values.device))
+    The fit is deterministic on the support grid (output resolution): the run starts no worse than
+    SART, up to what ``n`` Gaussians hold, with no sampling noise in the null space of the views."""
+    sart = sart_grid(scan, support_grid, sart_factor)
+    values = run_sart(binned_views(scan, 1), sart, config.warm_start_iterations, device, clock, seed,
+                      budget_fraction=config.warm_start_budget_fraction)
+    inner = sample_volume(values, sart, torch.as_tensor(support_grid.voxel_centers(), dtype=values.dtype,
+                                                        device=values.device))
+    model = GaussianModel.from_volume_deterministic(inner, support_grid, n, support_grid.roi)
+    outer = sample_volume(values, sart, torch.as_tensor(outer_grid.voxel_centers(), dtype=values.dtype,
+                                                        device=values.device))
     return model.to(device), outer
 
 

@@ -94,8 +94,9 @@ class GaussianTrainer:
         n = self.settings.gaussians or preset["gaussians"]
         support = self.support_grid.roi
         if self.settings.init == "sart":
-            return sart_start(self.scan, support, self.outer_grid, n, self.generator, self.device, self.clock,
-                              self.settings.seed, self.config, bin_views=self.levels[0].factor > 1)
+            # SART's box relative to the ROI, as method "sart" has it, from the support grid.
+            return sart_start(self.scan, self.support_grid, self.outer_grid, n, self.device, self.clock,
+                              self.settings.seed, self.config, self.settings.sart_factor / self.settings.support_factor)
         return random_start(self.scan, support, self.outer_grid, n, self.generator, self.device)
 
     def _optimizer(self) -> torch.optim.Adam:
@@ -230,8 +231,9 @@ class GaussianTrainer:
         mean_gradient = self.grad_accum / self.seen.clamp(min=1)
         threshold = float(torch.quantile(mean_gradient, 1.0 - config.densify_fraction))
         counts = self.model.densify_and_prune(
-            self.optimizer, mean_gradient, max(threshold, 1e-12), config.split_scale_fraction,
-            config.min_density, self.max_gaussians, self.generator)
+            self.optimizer, mean_gradient, max(threshold, 1e-12), max(self.support_grid.spacing), self.max_gaussians,
+            split_voxels=config.split_voxels, min_attenuation=config.min_attenuation,
+            min_mass_voxels=config.min_mass_voxels)
         self.densification.append({"iteration": self.iteration, "elapsed_s": round(self.clock.elapsed(), 3),
                                    **{key: int(counts[key]) for key in ("cloned", "split", "pruned", "total")}})
         self.grad_accum = torch.zeros(len(self.model), device=self.device)
