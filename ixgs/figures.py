@@ -128,13 +128,14 @@ def _scale_bar(ax) -> None:
     ax.add_artist(bar)
 
 
-def _panels(figure: Figure, rows: int, columns: int, wspace: float = 0.3, right_in: float = 1.1) -> np.ndarray:
-    """A fixed grid of axes (rows, columns), ``right_in`` inches kept for colour bars; a layout
-    engine would more than double the drawing time (most of the figures' cost)."""
+def _panels(figure: Figure, rows: int, columns: int, wspace: float = 0.3, right_in: float = 1.1,
+            left_in: float = 0.75) -> np.ndarray:
+    """A fixed grid of axes (rows, columns), ``right_in`` inches kept for colour bars and ``left_in``
+    for the y labels; a layout engine would more than double the drawing time (most of the figures' cost)."""
     width, height = figure.get_size_inches()
     top_in, bottom_in, gap_in = 0.75, 0.5, 0.95  # the gap holds a row's x labels and the next row's titles
     row_in = (height - top_in - bottom_in - (rows - 1) * gap_in) / rows
-    grid = figure.add_gridspec(rows, columns, left=0.75 / width, right=1 - right_in / width, bottom=bottom_in / height,
+    grid = figure.add_gridspec(rows, columns, left=left_in / width, right=1 - right_in / width, bottom=bottom_in / height,
                                top=1 - top_in / height, wspace=wspace, hspace=gap_in / row_in)
     return np.array([[figure.add_subplot(grid[r, c]) for c in range(columns)] for r in range(rows)])
 
@@ -266,7 +267,7 @@ def loss_figure(report: dict) -> Figure | None:
     stop = report.get("stop_reason")
     figure.suptitle("Training loss (L1 + D-SSIM + TV)" + (f" — stopped: {stop}" if stop else ""), fontsize=13)
     panels = [("iteration", iterations)] + ([("wall time (s)", elapsed)] if elapsed is not None else [])
-    axes = _panels(figure, 1, len(panels), wspace=0.22, right_in=0.3)[0]
+    axes = _panels(figure, 1, len(panels), wspace=0.22, right_in=0.3, left_in=1.05)[0]  # log tick labels
     positive = np.maximum(losses, np.finfo(float).tiny)
     colours = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3")
     window = max(1, min(len(positive) // 10, MOVING_AVERAGE_STEPS))
