@@ -7,7 +7,6 @@ One output folder, written atomically by :mod:`ixgs.output_folder`: ``volume.nrr
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import time
@@ -18,9 +17,9 @@ import numpy as np
 from .geometry import Grid, normalize_projection_matrix, sees
 from .metrics import evaluate, otsu_threshold
 from .report_html import write_report_html
-from .scan import Scan
 from .output_folder import output_folder
-from .volume import Volume, json_text, write_image
+from .scan import Scan
+from .volume import Volume, json_text
 
 KIND = "reconstruction"  # the output-folder kind (ixgs.output_folder)
 PREVIEWS = "previews"
