@@ -156,10 +156,10 @@ def reconstruction_needs(scan, settings) -> list[Need]:
     """What :func:`ixgs.reconstruct.reconstruct` will hold for ``settings`` on ``scan``: the output
     grid, SART's wider grid (method ``sart``) or the Gaussians and their pair-work budget."""
     from .training.config import PRESETS
-    from .training.grids import SART_VOXEL_FACTOR, surrounding_box
+    from .training.grids import SART_VOXEL_FACTOR, output_voxel_mm, surrounding_box
 
     roi = settings.roi or scan.roi
-    voxel = settings.voxel_size_mm or max(roi.size) / settings.default_grid_size
+    voxel = output_voxel_mm(roi, settings.voxel_size_mm, settings.default_grid_size)  # no grid built: floats
     voxel_setting = "the voxel size (--voxel-size, setting 'voxel_size_mm') or the ROI"
     voxels = voxel_count(roi, voxel)
     needs = [Need(f"the {voxels:.3g}-voxel output grid ({voxel:.3g} mm voxels)", output_bytes(voxels), voxel_setting)]

@@ -14,12 +14,15 @@ SOURCE_CLEARANCE = 0.45  # of the distance from the ROI centre to the nearest so
 SART_VOXEL_FACTOR = 1.5
 
 
+def output_voxel_mm(roi: Roi, voxel_size_mm: float | None, default_grid_size: int) -> float:
+    """The output voxel size (mm): the one asked for, or the ROI's longest side / ``default_grid_size``."""
+    return voxel_size_mm or max(roi.size) / default_grid_size
+
+
 def output_grid(scan: Scan, roi: Roi | None, voxel_size_mm: float | None, default_grid_size: int) -> Grid:
-    """The output grid: the ROI (default the scan's) tiled at the voxel size (default: longest side
-    ``default_grid_size`` voxels)."""
+    """The output grid: the ROI (default the scan's) tiled at :func:`output_voxel_mm`."""
     roi = roi or scan.roi
-    voxel = voxel_size_mm or max(roi.size) / default_grid_size
-    return roi.grid(voxel)
+    return roi.grid(output_voxel_mm(roi, voxel_size_mm, default_grid_size))
 
 
 def support_padding(grid: Grid, factor: float) -> tuple[int, int, int]:
