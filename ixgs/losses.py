@@ -35,6 +35,17 @@ def projection_loss(rendered: torch.Tensor, measured: torch.Tensor, dssim_weight
     return l1 + dssim_weight * (1.0 - ssim_2d(rendered, measured, data_range))
 
 
+def isotropic_total_variation(volume: torch.Tensor, epsilon: float = 1e-6) -> torch.Tensor:
+    """Sum over voxels of sqrt(dx^2 + dy^2 + dz^2 + epsilon^2) (forward differences, replicated
+    border): the isotropic TV that SART+TV descends; ``epsilon`` (1/mm per voxel) smooths |gradient|
+    at zero, far below any edge."""
+    padded = F.pad(volume[None, None], (0, 1, 0, 1, 0, 1), mode="replicate")[0, 0]
+    dz = padded[1:, :-1, :-1] - volume
+    dy = padded[:-1, 1:, :-1] - volume
+    dx = padded[:-1, :-1, 1:] - volume
+    return (dx.square() + dy.square() + dz.square() + epsilon ** 2).sqrt().sum()
+
+
 def total_variation_3d(volume: torch.Tensor) -> torch.Tensor:
     """Mean absolute difference between neighbouring voxels along the three axes."""
     return ((volume[1:] - volume[:-1]).abs().mean() + (volume[:, 1:] - volume[:, :-1]).abs().mean()

@@ -19,24 +19,18 @@ import numpy as np
 import torch
 
 from .geometry import Grid, normalize_projection_matrix, view_rays
+from .losses import isotropic_total_variation
 from .projector import back_project, forward_project
 
 # Rays or voxels whose weight sums (mm) fall below this barely touch the grid: they are skipped.
 MIN_WEIGHT_MM = 1e-3
-# Smooths |gradient| at zero in the isotropic TV (1/mm per voxel), far below any edge.
-TV_EPSILON = 1e-6
 
 
 def isotropic_tv_gradient(volume: torch.Tensor) -> torch.Tensor:
-    """Gradient of sum over voxels of sqrt(dx^2 + dy^2 + dz^2 + eps^2) (forward differences,
-    replicated border)."""
+    """Gradient of :func:`ixgs.losses.isotropic_total_variation` with respect to ``volume``."""
     with torch.enable_grad():
         x = volume.detach().clone().requires_grad_(True)
-        padded = torch.nn.functional.pad(x[None, None], (0, 1, 0, 1, 0, 1), mode="replicate")[0, 0]
-        dz = padded[1:, :-1, :-1] - x
-        dy = padded[:-1, 1:, :-1] - x
-        dx = padded[:-1, :-1, 1:] - x
-        (dx.square() + dy.square() + dz.square() + TV_EPSILON ** 2).sqrt().sum().backward()
+        isotropic_total_variation(x).backward()
     return x.grad
 
 
