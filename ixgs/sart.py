@@ -54,7 +54,7 @@ def sart_reconstruct(scan_views: list[tuple[np.ndarray, np.ndarray]], grid: Grid
                      progress: Callable[[int, int, float], None] | None = None,
                      cancel: Callable[[], bool] | None = None, time_budget_s: float | None = None,
                      seed: int = 0, step_mm: float | None = None, tv_weight: float = 0.0,
-                     tv_steps: int = 10) -> torch.Tensor:
+                     tv_steps: int = 10, kernel: str = "torch") -> torch.Tensor:
     """Attenuation volume (nz, ny, nx) in 1/mm from ``(image, projection_matrix)`` pairs.
 
     ``progress(iteration, iterations, residual)`` reports after each pass over the views the
@@ -62,6 +62,8 @@ def sart_reconstruct(scan_views: list[tuple[np.ndarray, np.ndarray]], grid: Grid
     ``time_budget_s`` is spent, the current estimate is returned after the view in progress.
     Row and column sums (A 1, A^T 1) are cached per view: one volume of memory per view.
     ``tv_weight`` > 0 adds the TV steps between passes (module docstring; Sidky's alpha, ~0.2).
+    ``kernel``: the ray marcher's (:func:`ixgs.projector.forward_project`): "numba"/"auto" on a CPU
+    marches with numba, else the torch reference.
     """
     if len(scan_views) < 1:
         raise ValueError("sart_reconstruct needs at least one view")
@@ -97,13 +99,13 @@ def sart_reconstruct(scan_views: list[tuple[np.ndarray, np.ndarray]], grid: Grid
             for index in order:
                 image, rays = views[index]
                 if index not in row_scale:
-                    row_scale[index] = _safe_reciprocal(forward_project(ones, grid, rays, step_mm))
+                    row_scale[index] = _safe_reciprocal(forward_project(ones, grid, rays, step_mm, kernel=kernel))
                     column_scale[index] = _safe_reciprocal(
-                        back_project(torch.ones_like(image), grid, rays, step_mm))
-                residual = image - forward_project(volume, grid, rays, step_mm)
+                        back_project(torch.ones_like(image), grid, rays, step_mm, kernel=kernel))
+                residual = image - forward_project(volume, grid, rays, step_mm, kernel=kernel)
                 residual_sq += float((residual * (row_scale[index] > 0)).square().sum())
                 data_sq += float(image.square().sum())
-                update = back_project(residual * row_scale[index], grid, rays, step_mm) * column_scale[index]
+                update = back_project(residual * row_scale[index], grid, rays, step_mm, kernel=kernel) * column_scale[index]
                 volume += relaxation * update
                 if nonneg:
                     volume.clamp_(min=0.0)

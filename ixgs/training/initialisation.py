@@ -16,19 +16,21 @@ from .schedule import binned_views
 
 
 def run_sart(views: list[tuple[np.ndarray, np.ndarray]], grid: Grid, iterations: int, device: torch.device,
-             clock: Clock, seed: int, budget_fraction: float = 1.0) -> torch.Tensor:
-    """SART on ``grid`` within ``budget_fraction`` of the clock's budget, reporting progress as stage "sart"."""
+             clock: Clock, seed: int, budget_fraction: float = 1.0, kernel: str = "torch") -> torch.Tensor:
+    """SART on ``grid`` within ``budget_fraction`` of the clock's budget, reporting progress as stage "sart";
+    ``kernel``: its ray marcher's (:mod:`ixgs.kernels.choice`)."""
     budget = None if clock.budget_s is None else max(clock.budget_s * budget_fraction - clock.elapsed(), 1e-3)
     values = sart_reconstruct(
         views, grid, iterations, device=device,
         progress=lambda i, n, residual: clock.report("sart", i, n, residual),
-        cancel=clock.cancel, time_budget_s=budget, seed=seed)
+        cancel=clock.cancel, time_budget_s=budget, seed=seed, kernel=kernel)
     clock.check_cancel()  # SART returns early on a cancel; the reconstruction must not go on
     return values
 
 
 def sart_start(scan: Scan, support_grid: Grid, outer_grid: Grid, n: int, device: torch.device, clock: Clock,
-               seed: int, config: TrainingConfig, sart_factor: float) -> tuple[GaussianModel, torch.Tensor]:
+               seed: int, config: TrainingConfig, sart_factor: float,
+               kernel: str = "torch") -> tuple[GaussianModel, torch.Tensor]:
     """Gaussians fitted to the SART of method "sart" (its box, ``sart_factor`` x the ROI, and its voxel),
     and the outer volume sampled from it (zero beyond SART's box: the outer volume learns the rest).
 
@@ -36,7 +38,7 @@ def sart_start(scan: Scan, support_grid: Grid, outer_grid: Grid, n: int, device:
     SART, up to what ``n`` Gaussians hold, with no sampling noise in the null space of the views."""
     sart = sart_grid(scan, support_grid, sart_factor)
     values = run_sart(binned_views(scan, 1), sart, config.warm_start_iterations, device, clock, seed,
-                      budget_fraction=config.warm_start_budget_fraction)
+                      budget_fraction=config.warm_start_budget_fraction, kernel=kernel)
     inner = sample_volume(values, sart, torch.as_tensor(support_grid.voxel_centers(), dtype=values.dtype,
                                                         device=values.device))
     model = GaussianModel.from_volume_deterministic(inner, support_grid, n, support_grid.roi)
