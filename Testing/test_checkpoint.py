@@ -14,7 +14,7 @@ from ixgs.scan import read_scan
 from ixgs.training.config import TrainingConfig
 
 # Densify every 4 steps from the start, so a resume crosses densification rounds.
-CONFIG = TrainingConfig(densify_every=4, densify_from=0.0, densify_until=1.0)
+CONFIG = TrainingConfig(densify=True, densify_every=4, densify_from=0.0, densify_until=1.0)
 
 
 def _settings(**overrides) -> ReconstructionSettings:

@@ -49,7 +49,7 @@ def test_the_schedules_clock_leaves_out_the_warm_start():
 
 @pytest.mark.parametrize("steps, budget", [(1000, None), (160, 100.0)])
 def test_densification_rounds_do_not_depend_on_the_run_length(steps, budget):
-    config = TrainingConfig(densify_rounds=10, densify_every=5)
+    config = TrainingConfig(densify=True, densify_rounds=10, densify_every=5)
     schedule = Schedule(config, 1000, _clock(budget_s=budget))
     last, rounds = 0, []
     for iteration in range(1, steps + 1):
@@ -61,10 +61,12 @@ def test_densification_rounds_do_not_depend_on_the_run_length(steps, budget):
     assert rounds[0] >= config.densify_from * steps and rounds[-1] <= config.densify_until * steps + 1
 
 
-def test_densification_every_n_steps_by_default():
-    schedule = Schedule(TrainingConfig(), 1000, _clock())
+def test_densification_every_n_steps_when_on_and_never_by_default():
+    schedule = Schedule(TrainingConfig(densify=True), 1000, _clock())
     rounds = [i for i in range(1, 1001) if schedule.densifies((i - 1) / 1000, i, 0)]
     assert rounds == list(range(150, 601, 50))
+    default = Schedule(TrainingConfig(), 1000, _clock())
+    assert not any(default.densifies((i - 1) / 1000, i, 0) for i in range(1, 1001))
 
 
 def test_default_time_budget_rule():
@@ -124,7 +126,7 @@ def test_densification_rounds_are_recorded(small_knee_scan):
     scan = read_scan(small_knee_scan)
     result = reconstruct(scan, ReconstructionSettings(preset="fast", iterations=12, gaussians=300, voxel_size_mm=6.0,
                                                       device="cpu", init="random"),
-                         config=TrainingConfig(densify_every=4, densify_from=0.0))
+                         config=TrainingConfig(densify=True, densify_every=4, densify_from=0.0))
     assert [row["iteration"] for row in result.densification] == [4, 8]  # steps 4 and 8 start before 60 %
     row = result.densification[0]
     assert set(row) == {"iteration", "elapsed_s", "cloned", "split", "pruned", "total"}

@@ -38,7 +38,7 @@ from .training.checkpoint import check_checkpoint_path, fingerprint
 # Progress, ReconstructionCancelled and PRESETS are part of this module's API; _binned is used by the benchmarks.
 from .training.clock import (CancelFlag, Clock, Progress, ProgressCallback, ReconstructionCancelled,  # noqa: F401
                              effective_time_budget_s, threads_for_load)
-from .training.config import PRESETS, TrainingConfig
+from .training.config import PRESETS, TrainingConfig, default_config
 from .training.grids import check_sources_outside, output_grid, support_padding
 from .training.grids import sart_grid as _sart_grid
 from .training.initialisation import run_sart
@@ -211,10 +211,11 @@ def reconstruct(scan: Scan, settings: ReconstructionSettings | None = None,
                 config: TrainingConfig | None = None) -> Reconstruction:
     """Reconstruct the scan's ROI. Raises :class:`ReconstructionCancelled` when ``cancel()`` is true.
 
-    ``config``: the trainer's hyperparameters (default :class:`~ixgs.training.config.TrainingConfig`)."""
+    ``config``: the trainer's hyperparameters (default: :func:`~ixgs.training.config.default_config` of
+    the settings' start)."""
     settings = settings or ReconstructionSettings()
     settings.validate()
-    config = config or TrainingConfig()
+    config = config or default_config(settings.init)
     device = resolve_device(settings.device)
     check_memory(reconstruction_needs(scan, settings), device)  # before any grid is built
     if settings.roi is not None:
@@ -244,12 +245,13 @@ def _reconstruct(scan: Scan, settings: ReconstructionSettings, device: torch.dev
     if settings.method == "sart":
         sart_grid = _sart_grid(scan, grid, settings.sart_factor)
         with clock.stage("sart"):
-            values = run_sart(binned_views(scan, 1), sart_grid, settings.iterations or 2, device, clock, settings.seed)
+            values = run_sart(binned_views(scan, 1), sart_grid, settings.iterations or 2, device, clock, settings.seed,
+                              kernel=settings.kernel)
         with torch.no_grad(), clock.stage("resample"):
             volume = sample_volume(values, sart_grid, centers)
         with torch.no_grad(), clock.stage("reprojections"):
             reprojections = {index: forward_project(values, sart_grid, view_rays(
-                scan.views[index].projection_matrix, scan.views[index].shape, device=device))
+                scan.views[index].projection_matrix, scan.views[index].shape, device=device), kernel=settings.kernel)
                 for index in reprojected_views(len(scan.views))}
         trainer = None
     else:

@@ -85,7 +85,7 @@ class Schedule:
         ``densify_rounds`` rounds spread over the window of the run's expected length, at least
         ``densify_every`` steps apart."""
         config = self.config
-        if not config.densify_from <= fraction <= config.densify_until:
+        if not config.densify or not config.densify_from <= fraction <= config.densify_until:
             return False
         if config.densify_rounds is None:
             return iteration % config.densify_every == 0

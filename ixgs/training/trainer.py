@@ -23,7 +23,7 @@ from ..splat import render
 from ..voxelize import voxelize
 from .checkpoint import load_checkpoint, save_checkpoint
 from .clock import Clock
-from .config import PRESETS, TrainingConfig
+from .config import PRESETS, TrainingConfig, default_config
 from .grids import OUTER_FACTOR, support_padding, surrounding_box
 from .held_out import HeldOutViews, held_out_indices
 from .initialisation import random_start, sart_start
@@ -39,7 +39,7 @@ class GaussianTrainer:
         """``grid``: the output grid; ``outputs_s``: the measured estimate of writing the outputs, kept
         back from a time budget with the final voxelization and re-projections."""
         self.scan, self.settings, self.device, self.clock = scan, settings, device, clock
-        self.config = config = config or TrainingConfig()
+        self.config = config = config or default_config(settings.init)
         self.fingerprint = fingerprint or {}
         self.grid, self.outputs_s = grid, outputs_s
         self.support_grid = support_grid = grid.padded(support_padding(grid, settings.support_factor))
@@ -96,7 +96,8 @@ class GaussianTrainer:
         if self.settings.init == "sart":
             # SART's box relative to the ROI, as method "sart" has it, from the support grid.
             return sart_start(self.scan, self.support_grid, self.outer_grid, n, self.device, self.clock,
-                              self.settings.seed, self.config, self.settings.sart_factor / self.settings.support_factor)
+                              self.settings.seed, self.config, self.settings.sart_factor / self.settings.support_factor,
+                              self.settings.kernel)
         return random_start(self.scan, support, self.outer_grid, n, self.generator, self.device)
 
     def _optimizer(self) -> torch.optim.Adam:
