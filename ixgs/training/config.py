@@ -6,8 +6,9 @@ from dataclasses import asdict, dataclass, field
 
 
 # Per preset: iterations, initial Gaussians, cap on Gaussians (reached only with densification on).
-# Lattices fitted to the true spine in 3D hold 17.5 / 18.6 / 19.8 / 23.5 dB at 30k / 70k / 150k / 370k
-# Gaussians: below ~150k the model itself cannot hold what SART reaches (bench/results/quality-*.md).
+# The lattice start fitted to the true spine in 3D holds 20.3 / 21.5 / 23.8 / 26.5 dB at 30k / 70k / 150k /
+# 400k Gaussians (bench/results/quality-lattice-150k.md): the count bounds what a run can reach; 150k
+# beat 70k at the default budget (spine +-60: 19.63 vs 19.27 dB, knee 27.08 vs 26.74).
 PRESETS = {
     "fast": {"iterations": 400, "gaussians": 70_000, "max_gaussians": 140_000},
     "standard": {"iterations": 1000, "gaussians": 150_000, "max_gaussians": 300_000},
