@@ -267,10 +267,9 @@ def fit_ceiling(phantom_name: str, n: int, cpu_seconds: float, seed: int) -> dic
     reference = make_analytic_phantom(phantom_name, seed=seed).reference(grid)
     target = torch.as_tensor(reference.array)
     generator = torch.Generator().manual_seed(seed)
-    start = GaussianModel.from_volume_deterministic(target, grid, n, roi)
+    model = GaussianModel.from_volume_deterministic(target, grid, n, roi)
     with torch.no_grad():
-        start_scores = evaluate(Volume.on_grid(voxelize(start, grid, kernel="auto").numpy(), grid), reference)
-    model = start
+        start_scores = evaluate(Volume.on_grid(voxelize(model, grid, kernel="auto").numpy(), grid), reference)
     optimizer = torch.optim.Adam(model.parameter_groups(TrainingConfig().learning_rates), eps=1e-15)
     block, steps, curve = 48, 0, []
     fitting = time.process_time()
