@@ -226,6 +226,34 @@ def test_sigterm_during_the_write_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_cancel_whose_exception_was_lost_still_stops_the_run(tmp_path, small_roi, capsys):
+    """Python ignores a signal handler's exception raised while a finaliser runs (CI once saw a run go on
+    after its parent closed stdin): the request is a flag the reconstruction polls, not only an exception."""
+    import threading
+
+    from ixgs import cli
+
+    images = [np.random.default_rng(k).random((24, 24), dtype=np.float32) for k in range(4)]
+    scan = write_scan(tmp_path / "scan", images, ring_of_matrices(4, shape=(24, 24)), roi=small_roi)
+
+    def request_once_running():
+        while not (tmp_path / ".out.ixgs-lock").exists():
+            time.sleep(0.02)
+        time.sleep(1.0)  # into the reconstruction
+        cli._cancel_request.signum = signal.SIGTERM  # what the handler records before its exception is lost
+
+    requester = threading.Thread(target=request_once_running, daemon=True)
+    requester.start()
+    started = time.monotonic()
+    status = main(["reconstruct", str(scan), "-o", str(tmp_path / "out"), "--preset", "fast", "--device", "cpu",
+                   "--voxel-size", "6", "--iterations", "1000000", "--no-plateau-stop", "--time-budget", "90",
+                   "--progress", "none"])
+    requester.join(timeout=5)
+    assert status == 128 + signal.SIGTERM and time.monotonic() - started < 60
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "ixgs: cancelled"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scan"]
+
+
 def test_sigterm_while_replacing_our_own_output_keeps_the_old_one(tmp_path):
     from ixgs.output_folder import output_folder
 

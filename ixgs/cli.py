@@ -130,7 +130,7 @@ def _reconstruct_to_reserved_folder(scan_path: Path, out_dir: Path, settings, bo
     printer = _ProgressPrinter(progress_mode)
     read_warnings = len(scan.warnings)
     try:
-        result = reconstruct(scan, settings, progress=printer)
+        result = reconstruct(scan, settings, progress=printer, cancel=_cancel_request)
     finally:
         printer.close()
     _print_warnings(scan.warnings[read_warnings:])  # reconstruct's, about a given ROI
@@ -566,6 +566,20 @@ class Cancelled(KeyboardInterrupt):
         self.signum = signum
 
 
+class _CancelRequest:
+    """The signal that asked to cancel, kept after its exception: Python ignores a handler's exception
+    raised while a finaliser runs, so the reconstruction also polls this flag at every step."""
+
+    def __init__(self):
+        self.signum: int | None = None
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+
+_cancel_request = _CancelRequest()
+
+
 @contextlib.contextmanager
 def _cancel_on_signals():
     """SIGTERM takes the same path as SIGINT; further signals wait until the cleanup is done."""
@@ -576,6 +590,7 @@ def _cancel_on_signals():
     previous = {signum: signal.getsignal(signum) for signum in signums}
 
     def cancel(signum, frame):
+        _cancel_request.signum = signum
         for other in signums:
             signal.signal(other, signal.SIG_IGN)
         raise Cancelled(signum)
@@ -597,6 +612,7 @@ def _watch_parent() -> None:
     def watch():
         while os.read(stdin, 65536):  # unbuffered: no lock that would block the interpreter's exit
             pass
+        _cancel_request.signum = signal.SIGTERM  # seen at the next step even if the main thread is in C code
         _thread.interrupt_main(signal.SIGTERM)
 
     threading.Thread(target=watch, name="ixgs-parent-watch", daemon=True).start()
@@ -621,10 +637,12 @@ def main(argv: list[str] | None = None) -> int:
     """Exit status 0 done, 2 bad input (one line naming the file, field or option), 1 a bug in ixgs
     (one line, the traceback in a log file), 128 + signal number when cancelled (SIGINT, SIGTERM)."""
     from .errors import is_bad_input
+    from .training.clock import ReconstructionCancelled
 
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    _cancel_request.signum = None
     with _cancel_on_signals():
         if os.environ.get(PARENT_WATCH_ENV) == "stdin":
             _watch_parent()
@@ -634,6 +652,9 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt as interrupt:
             print("ixgs: cancelled", file=sys.stderr)
             return 128 + getattr(interrupt, "signum", signal.SIGINT)
+        except ReconstructionCancelled:  # a signal whose exception Python ignored; the flag still held
+            print("ixgs: cancelled", file=sys.stderr)
+            return 128 + (_cancel_request.signum or signal.SIGTERM)
         except MemoryError:
             print("ixgs: error: out of memory; choose smaller settings (reconstruct: a coarser --voxel-size, fewer "
                   "--gaussians, a smaller --memory-budget)", file=sys.stderr)
