@@ -5,6 +5,8 @@ loss or optimiser (which give PSNR near 8-10 dB and uncorrelated volumes), not s
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -144,6 +146,11 @@ def test_plateau_rule_and_view_stream(knee):
     trainer.densified_until = 0
     window = trainer.config.plateau_window
     trainer.loss_curve = [(i, 1.0) for i in range(2 * window)]
+    assert trainer.plateaued()
+    trainer.config = dataclasses.replace(trainer.config, plateau_from=0.5)
+    trainer.fraction = 0.4  # flat, but too early in the run to stop it
+    assert not trainer.plateaued()
+    trainer.fraction = 0.5
     assert trainer.plateaued()
     trainer.loss_curve = [(i, 1.0 - 0.01 * (i >= window)) for i in range(2 * window)]  # still falling 1 %
     assert not trainer.plateaued()

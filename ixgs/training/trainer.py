@@ -58,6 +58,7 @@ class GaussianTrainer:
         self.densification: list[dict] = []  # one row per round: iteration, elapsed s, counts
         self.last_loss = float("nan")
         self.iteration = 0
+        self.fraction = 0.0  # how far the run was at its last step (Schedule.fraction)
         self.stop_reason = "completed"
         self.iteration_seconds: list[float] = []
         self.training_s = 0.0  # the schedule's clock: training steps only, compilation excluded
@@ -161,7 +162,7 @@ class GaussianTrainer:
             self.last_loss = loss.item()
             self._count_step(time.perf_counter() - started, first_at_level)
             self.loss_curve.append((it, self.last_loss, round(self.clock.elapsed(), 3)))
-            self.iteration = it + 1
+            self.iteration, self.fraction = it + 1, fraction
             if fraction > config.densify_until and self.densified_until is None:
                 self.densified_until = self.iteration
             if self.schedule.densifies(fraction, self.iteration,
@@ -253,10 +254,10 @@ class GaussianTrainer:
         return views
 
     def plateaued(self) -> bool:
-        """Whether the loss has stopped falling: since densification ended, the mean loss over the
-        last window (two passes over the views, at least ``plateau_window`` steps) is within
+        """Whether the loss has stopped falling: since densification ended and from ``plateau_from`` of
+        the run on, the mean loss over the last window (two passes over the views, at least ``plateau_window`` steps) is within
         ``plateau_tolerance`` of the window before. Single steps are too noisy (one view each)."""
-        if self.densified_until is None:
+        if self.densified_until is None or self.fraction < self.config.plateau_from:
             return False
         passes = 2 * self._pass_steps()
         window = max(passes, self.config.plateau_window)
