@@ -255,8 +255,9 @@ class GaussianTrainer:
 
     def plateaued(self) -> bool:
         """Whether the loss has stopped falling: since densification ended and from ``plateau_from`` of
-        the run on, the mean loss over the last window (two passes over the views, at least ``plateau_window`` steps) is within
-        ``plateau_tolerance`` of the window before. Single steps are too noisy (one view each)."""
+        the run on, the mean loss over the last window (two passes over the views, at least
+        ``plateau_window`` steps) is within ``plateau_tolerance`` of the window before. Single steps
+        are too noisy (one view each)."""
         if self.densified_until is None or self.fraction < self.config.plateau_from:
             return False
         passes = 2 * self._pass_steps()
