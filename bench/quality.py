@@ -379,27 +379,26 @@ def main() -> None:
         parse_case(name)
     with tempfile.TemporaryDirectory() as work:
         for name in cases:
+            scan = None  # simulated only when something is still to run on it
             if name in record["cases"]:
                 row = record["cases"][name]
-                missing = [method for method in args.rtk or [] if method not in row.get("rtk", {})]
-                if missing:
-                    scan = simulate(name, args, Path(work))[0]
-                    for method in missing:
-                        row.setdefault("rtk", {})[method] = run_rtk_for(scan, method, row["gaussian"]["wall_s"])
-                        print(json.dumps({name: row["rtk"][method]}), flush=True)
-                        changed.add(("cases", name))
-                        save()
-                else:
-                    print(f"[{name}] already recorded, skipped", flush=True)
-                continue
-            row = run_case(name, args, Path(work))
-            for method in args.rtk or []:
-                row.setdefault("rtk", {})[method] = run_rtk_for(Path(work) / name, method, row["gaussian"]["wall_s"])
-            row["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-            record["cases"][name] = row
-            changed.add(("cases", name))
-            save()
-            print(json.dumps({k: row[k] for k in ("gain_over_sart_db", "gain_over_sart_tv_db")}), flush=True)
+            else:
+                row = run_case(name, args, Path(work))
+                scan = Path(work) / name
+                row["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+                record["cases"][name] = row
+                changed.add(("cases", name))
+                save()
+                print(json.dumps({k: row[k] for k in ("gain_over_sart_db", "gain_over_sart_tv_db")}), flush=True)
+            missing = [method for method in args.rtk or [] if method not in row.get("rtk", {})]
+            if scan is None and not missing:
+                print(f"[{name}] already recorded, skipped", flush=True)
+            for method in missing:
+                scan = scan or simulate(name, args, Path(work))[0]
+                row.setdefault("rtk", {})[method] = run_rtk_for(scan, method, row["gaussian"]["wall_s"])
+                print(json.dumps({name: row["rtk"][method]}), flush=True)
+                changed.add(("cases", name))
+                save()
     for n in args.ceiling:
         key = f"{args.ceiling_phantom}-{n}"
         if key in record["ceiling"]:
