@@ -1,10 +1,10 @@
 """The training loop: Gaussians (and the outer volume, and optionally the poses) fitted to the views.
 
 Per step: the schedule gives the resolution level and the learning rates; the next views of a seeded
-stream are rendered; loss = L1 + D-SSIM on the projections + TV on a random patch; Adam steps; every
-few steps the Gaussians with the largest positional gradients are densified and faint ones pruned.
-The run ends at its iteration count, its time budget (keeping time back for the final stage) or when
-the loss plateaus after densification.
+stream are rendered; loss = L1 + D-SSIM on the projections + TV on a random patch (of the attenuation
+clipped above the soft-tissue level); Adam steps; every few steps the Gaussians with the largest
+positional gradients are densified and faint ones pruned. The run ends at its iteration count, its
+time budget (keeping time back for the final stage) or when the loss plateaus after densification.
 """
 from __future__ import annotations
 
@@ -80,6 +80,8 @@ class GaussianTrainer:
             with clock.stage("warm_start"):
                 model, outer_values = self._initial_state(preset)
         self.model = model
+        # Attenuation (1/mm) above which TV stops looking: fixed at the start, kept by a checkpoint.
+        self.tv_clip = state.get("tv_clip") if state is not None else self._tv_clip()
         self.outer = OuterVolume(self.outer_grid, support, outer_values.to(device))
         self.poses = (PoseCorrections(len(scan.views), support.center, lever_mm=max(support.size) / 2).to(device)
                       if settings.refine_poses else None)
@@ -292,6 +294,17 @@ class GaussianTrainer:
                     index, view.projection_matrix).round(9).tolist()}
                 for index, (view, row) in enumerate(zip(self.scan.views, self.poses.report()))]
 
+    @torch.no_grad()
+    def _tv_clip(self) -> float | None:
+        """``tv_clip_factor`` x the median of the start voxelized on a coarse (48 per side) grid of the
+        support: the soft-tissue level, which most of the support is."""
+        if self.config.tv_clip_factor is None:
+            return None
+        support = self.support_grid.roi
+        start = voxelize(self.model, support.grid(max(support.size) / 48), memory_budget=self.memory_budget,
+                         kernel=self.settings.kernel)
+        return self.config.tv_clip_factor * float(start.median())
+
     def _tv_loss(self) -> torch.Tensor:
         """3D TV of a random patch of the support, in units of attenuation x half the support side
         (R2-Gaussian's normalised scene), so the weight means what it means there."""
@@ -301,6 +314,8 @@ class GaussianTrainer:
         region = tuple(slice(c, c + s) for c, s in zip(corner, size))
         patch = voxelize(self.model, self.tv_grid, region=region, memory_budget=self.memory_budget,
                          kernel=self.settings.kernel)
+        if self.tv_clip is not None:
+            patch = patch.clamp(max=self.tv_clip)
         return total_variation_3d(patch * self.model.half_extent)
 
     @torch.no_grad()
@@ -349,6 +364,7 @@ class GaussianTrainer:
             "iteration_seconds": self.iteration_seconds[-20:],
             "training_s": self.training_s,
             "held_out": self.held_out.state_dict(),
+            "tv_clip": self.tv_clip,
         })
 
     def _restore(self, state: dict) -> None:
