@@ -195,6 +195,7 @@ def test_reconstruct_records_the_kernel_and_the_iteration_time(tmp_path):
     assert status == 0
     assert report["kernel"] == report["settings"]["kernel"] == kernel
     assert report["ms_per_iteration"] > 0
+    assert 0.0 < report["tv_clip_per_mm"] < 0.1  # the SART start's TV clip, an attenuation in 1/mm
     chosen = ReconstructionSettings(kernel="torch", device="cpu")
     parsed = build_parser().parse_args(["reconstruct", "scan", "-o", "out", *settings_arguments(chosen)])
     assert _settings_from(parsed) == chosen

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ixgs.gaussians import GaussianModel
-from ixgs.geometry import Roi, compose_projection_matrix, normalize_projection_matrix, view_rays
+from ixgs.geometry import Roi, binning_matrix, compose_projection_matrix, normalize_projection_matrix, view_rays
 from ixgs.pairs import box_pairs
 from ixgs.splat import count_pairs, render
 
@@ -78,6 +78,30 @@ def test_render_matches_quadrature_for_general_projection():
         # Default 3 sigma footprint: each Gaussian loses at most exp(-4.5) of its peak per pixel.
         truncated = render(model, rays).numpy()
         assert np.abs(truncated - expected).max() < 4 * math.exp(-4.5) * peak
+
+
+def test_pixel_footprint_renders_the_mean_over_each_pixel():
+    """Gaussians far smaller than a pixel (0.1-0.6 mm against ~1.8 mm at the isocentre), as cortical
+    shells are: the central ray misses what the pixel's area averages; the footprint model
+    (a Gaussian of the box's variance) comes close to the mean of 7 x 7 sub-rays and keeps the mass."""
+    rng = np.random.default_rng(8)
+    shape = (36, 40)
+    P = general_projection(rng, 700.0, 700.0 / 1.8, shape)
+    model = make_model(rng, 60, (0.1, 0.6), 20.0)
+    k = 7
+    fine = np.linalg.inv(binning_matrix(k)) @ P
+    with torch.no_grad():
+        mean = render(model, view_rays(fine, (shape[0] * k, shape[1] * k), dtype=torch.float64),
+                      sigmas=5.0).reshape(shape[0], k, shape[1], k).mean(dim=(1, 3))
+        central = render(model, view_rays(P, shape, dtype=torch.float64), sigmas=5.0)
+        footprint = render(model, view_rays(P, shape, dtype=torch.float64), sigmas=5.0, pixel_footprint=True)
+
+    def error(image):
+        return float((image - mean).norm() / mean.norm())
+
+    assert error(central) > 0.4
+    assert error(footprint) < 0.12
+    assert abs(float(footprint.sum() / mean.sum()) - 1.0) < 0.03
 
 
 def test_float32_small_gaussians_far_from_source():

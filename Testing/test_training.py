@@ -119,6 +119,7 @@ def test_report_records_stages_densification_and_config(tmp_path, small_knee_sca
     assert [row[2] for row in report["loss_curve"]] == sorted(row[2] for row in report["loss_curve"])
     assert report["densification"] == []  # 24 steps: none yet (every 50 steps)
     assert report["training_config"]["tv_weight"] == TrainingConfig().tv_weight
+    assert report["tv_clip_per_mm"] is None  # the random start keeps plain TV
     assert report["settings"]["time_budget_s"] is None  # --iterations: no default budget
 
 

@@ -150,6 +150,7 @@ def _reconstruct_to_reserved_folder(scan_path: Path, out_dir: Path, settings, bo
         "stages": result.stages,
         "densification": result.densification,
         "training_config": result.training_config,
+        "tv_clip_per_mm": result.tv_clip_per_mm,
         "kernel": result.kernel,
         "ms_per_iteration": _finite_or_none(result.ms_per_iteration),
     }

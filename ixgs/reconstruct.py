@@ -163,6 +163,8 @@ class Reconstruction:
     # With refine_poses: per view, the correction (PoseCorrections.report) and the corrected matrix.
     pose_corrections: list[dict] = field(default_factory=list)
     training_config: dict = field(default_factory=dict)  # the trainer's hyperparameters (TrainingConfig)
+    # Attenuation (1/mm) where TV stops looking (TrainingConfig.tv_clip_factor x the start's median); None: plain TV.
+    tv_clip_per_mm: float | None = None
     # Wall time of each stage: {"name", "start_s", "end_s"}, seconds since the start.
     stages: list[dict] = field(default_factory=list)
     # One row per densification round: {"iteration", "elapsed_s", "cloned", "split", "pruned", "total"}.
@@ -282,6 +284,7 @@ def _reconstruct(scan: Scan, settings: ReconstructionSettings, device: torch.dev
         peak_memory=peak_memory_mib(device),
         pose_corrections=trainer.pose_report() if trainer else [],
         training_config=config.to_dict() if trainer else {},
+        tv_clip_per_mm=trainer.tv_clip if trainer else None,
         stages=clock.stages,
         densification=trainer.densification if trainer else [],
         held_out=trainer.held_out.report() if trainer and trainer.held_out else {},

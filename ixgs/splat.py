@@ -53,17 +53,25 @@ def pixel_table(directions: torch.Tensor) -> torch.Tensor:
     return directions.T.contiguous()
 
 
-def gaussian_table(model: GaussianModel, source: torch.Tensor, pose: torch.Tensor | None = None) -> torch.Tensor:
+def gaussian_table(model: GaussianModel, source: torch.Tensor, pose: torch.Tensor | None = None,
+                   blur_mm2: torch.Tensor | None = None) -> torch.Tensor:
     """(16, N) per-Gaussian quantities the per-pair kernel needs, differentiable in the parameters
-    (and in ``pose``, a (4, 4) rigid motion applied to the Gaussians before they are seen)."""
+    (and in ``pose``, a (4, 4) rigid motion applied to the Gaussians before they are seen).
+
+    ``blur_mm2`` (N,): isotropic variance added to each covariance with the mass kept (the density
+    falls by the ratio of the square roots of the determinants), :func:`pixel_footprint_mm2`."""
     rotations, scales, means = model.rotations, model.scales, model.means
     if pose is not None:
         rotations = pose[:3, :3] @ rotations
         means = means @ pose[:3, :3].T + pose[:3, 3]
-    inv_sq = scales ** -2
+    peak = model.densities * math.sqrt(2.0 * math.pi)
+    if blur_mm2 is None:
+        inv_sq = scales ** -2
+    else:
+        inv_sq = 1.0 / (scales ** 2 + blur_mm2[:, None])
+        peak = peak * (scales.prod(dim=1) * inv_sq.prod(dim=1).sqrt())
     # Eigenvalues of S / det S are 1 / (s_j s_k)^2: no determinant of a tiny number is formed.
     sdet = torch.stack([inv_sq[:, 1] * inv_sq[:, 2], inv_sq[:, 2] * inv_sq[:, 0], inv_sq[:, 0] * inv_sq[:, 1]], dim=1)
-    peak = model.densities * math.sqrt(2.0 * math.pi)
     return torch.cat([(source - means).T, symmetric6_from_eigen(rotations, sdet),
                       symmetric6_from_eigen(rotations, inv_sq), peak[None]], dim=0)
 
@@ -253,12 +261,33 @@ class _LineIntegrals(torch.autograd.Function):
 
 
 @torch.no_grad()
+def pixel_footprint_mm2(means: torch.Tensor, projection_matrix: torch.Tensor) -> torch.Tensor:
+    """(N,) variance (mm^2) of one detector pixel seen at each point ``means`` (N, 3): a box of one
+    pixel has variance 1/12 px^2 along each detector axis, and a pixel spans ``det(J J^T)^(-1/4)`` mm
+    there (J the Jacobian of the pixel coordinates at the point, px/mm).
+
+    A view's pixel is the mean over its area (a real detector, and ``ixgs simulate``); the exact line
+    integral is taken along the pixel's central ray. Adding this variance to a Gaussian (mass kept)
+    convolves its image across the ray with a Gaussian of the box's variance, so the model sees the
+    views as blurred as they are and need not blur the volume to match them."""
+    P = projection_matrix
+    uvw = means @ P[:, :3].T + P[:, 3]
+    w = uvw[:, 2].clamp(min=1e-6)
+    uv = uvw[:, :2] / w[:, None]
+    jacobian = (P[None, :2, :3] - uv[:, :, None] * P[None, 2:3, :3]) / w[:, None, None]  # (N, 2, 3)
+    gram = jacobian @ jacobian.transpose(1, 2)
+    det = (gram[:, 0, 0] * gram[:, 1, 1] - gram[:, 0, 1] * gram[:, 1, 0]).clamp(min=1e-30)
+    return det.rsqrt() / 12.0
+
+
 def footprints(model: GaussianModel, projection_matrix: torch.Tensor, shape: tuple[int, int],
-               sigmas: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               sigmas: float, blur_mm2: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pixel boxes (lower (N, 2), extent (N, 2) as (row, col)) of each Gaussian's projected
     ``sigmas``-sigma ellipse, and the radius in pixels (0 where culled: behind or too close to the
-    source, or off the image)."""
+    source, or off the image); ``blur_mm2`` as for :func:`gaussian_table`."""
     means, scales = model.means, model.scales
+    if blur_mm2 is not None:
+        scales = (scales ** 2 + blur_mm2[:, None]).sqrt()
     covariance = symmetric6_from_eigen(model.rotations, scales ** 2)
     P = projection_matrix
     uvw = means @ P[:, :3].T + P[:, 3]
@@ -284,7 +313,7 @@ def footprints(model: GaussianModel, projection_matrix: torch.Tensor, shape: tup
 
 def render(model: GaussianModel, rays: ViewRays, pair_budget: int | None = None, sigmas: float = 3.0,
            return_radii: bool = False, pose: torch.Tensor | None = None, *, memory_budget: int | None = None,
-           compile: bool = False, kernel: str = "torch"):
+           compile: bool = False, kernel: str = "torch", pixel_footprint: bool = False):
     """Attenuation line integrals (rows, cols) of the model seen along ``rays``; differentiable.
 
     Each Gaussian contributes its exact cone-beam line integral to the pixels inside its projected
@@ -304,6 +333,9 @@ def render(model: GaussianModel, rays: ViewRays, pair_budget: int | None = None,
     ``kernel`` picks who evaluates the pairs (:func:`ixgs.kernels.choice.resolve_kernel`): "torch"
     (the chunked pairs above, the reference), "numba" (CPU) or "triton" (CUDA), which never hold
     pairs in memory (``pair_budget``, ``memory_budget`` and ``compile`` then do not apply), or "auto".
+
+    ``pixel_footprint``: each pixel is the mean over its area rather than its central ray, to a
+    Gaussian approximation (:func:`pixel_footprint_mm2`).
     """
     dtype, device = model.support_center.dtype, model.support_center.device
     shape = rays.shape
@@ -316,8 +348,9 @@ def render(model: GaussianModel, rays: ViewRays, pair_budget: int | None = None,
     budget = default_memory_budget(device) if memory_budget is None else int(memory_budget)
     if pair_budget is None:
         pair_budget = chunk_pairs(device, dtype, budget)
-    lower, extent, radius = footprints(model, P, shape, sigmas)
-    table = gaussian_table(model, source, pose)
+    blur = pixel_footprint_mm2(model.means.detach(), P) if pixel_footprint else None
+    lower, extent, radius = footprints(model, P, shape, sigmas, blur)
+    table = gaussian_table(model, source, pose, blur)
     kernel = resolve_kernel(kernel, device)
     if kernel != "torch":
         image = kernel_module(kernel).LineIntegrals.apply(table, pixel_table(directions), lower, extent, shape)

@@ -273,7 +273,8 @@ class GaussianTrainer:
     def _project(self, rays, pose: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The view as the model sees it (Gaussians plus the outer volume) and the Gaussians' footprint radii."""
         image, radii = render(self.model, rays, return_radii=True, pose=pose, memory_budget=self.memory_budget,
-                              compile=self.settings.compile, kernel=self.settings.kernel)
+                              compile=self.settings.compile, kernel=self.settings.kernel,
+                              pixel_footprint=self.config.pixel_footprint)
         return image + self.outer.project(rays, pose, kernel=self.settings.kernel), radii
 
     def _pose(self, index: int) -> torch.Tensor | None:
