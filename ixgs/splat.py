@@ -260,7 +260,6 @@ class _LineIntegrals(torch.autograd.Function):
         return grad_table, None, None, None, None, None, None, None
 
 
-@torch.no_grad()
 def pixel_footprint_mm2(means: torch.Tensor, projection_matrix: torch.Tensor) -> torch.Tensor:
     """(N,) variance (mm^2) of one detector pixel seen at each point ``means`` (N, 3): a box of one
     pixel has variance 1/12 px^2 along each detector axis, and a pixel spans ``det(J J^T)^(-1/4)`` mm
@@ -280,6 +279,7 @@ def pixel_footprint_mm2(means: torch.Tensor, projection_matrix: torch.Tensor) ->
     return det.rsqrt() / 12.0
 
 
+@torch.no_grad()
 def footprints(model: GaussianModel, projection_matrix: torch.Tensor, shape: tuple[int, int],
                sigmas: float, blur_mm2: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pixel boxes (lower (N, 2), extent (N, 2) as (row, col)) of each Gaussian's projected
