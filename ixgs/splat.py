@@ -349,11 +349,21 @@ def render(model: GaussianModel, rays: ViewRays, pair_budget: int | None = None,
     if pair_budget is None:
         pair_budget = chunk_pairs(device, dtype, budget)
     blur = pixel_footprint_mm2(model.means.detach(), P) if pixel_footprint else None
-    lower, extent, radius = footprints(model, P, shape, sigmas, blur)
-    table = gaussian_table(model, source, pose, blur)
     kernel = resolve_kernel(kernel, device)
-    if kernel != "torch":
-        image = kernel_module(kernel).LineIntegrals.apply(table, pixel_table(directions), lower, extent, shape)
+    module = kernel_module(kernel) if kernel != "torch" else None
+    # numba also forms the boxes and the table in one pass per Gaussian (torch's ~20 passes over N cost
+    # as much as the pairs do at 150k Gaussians); not with a pixel footprint, nor the table with a pose.
+    fused = hasattr(module, "GaussianTable") and blur is None
+    if fused:
+        lower, extent, radius = module.footprints(model, P, shape, sigmas)
+    else:
+        lower, extent, radius = footprints(model, P, shape, sigmas, blur)
+    if fused and pose is None:
+        table = module.GaussianTable.apply(model.means, model.scales, model._rotation, model.densities, source)
+    else:
+        table = gaussian_table(model, source, pose, blur)
+    if module is not None:
+        image = module.LineIntegrals.apply(table, pixel_table(directions), lower, extent, shape)
         image = image.reshape(shape)
         return (image, radius) if return_radii else image
     # Half the budget may keep the pairs' indices for the backward pass (none is needed without one).

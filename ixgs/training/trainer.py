@@ -113,7 +113,8 @@ class GaussianTrainer:
             groups.append({"params": list(self.poses.parameters()), "lr": config.pose_lr, "name": "poses"})
         for group in groups:
             group["initial_lr"] = group["lr"]
-        return torch.optim.Adam(groups, eps=1e-15)
+        # fused: one kernel per group (the per-tensor loop took a few ms a step at 150k Gaussians on a CPU).
+        return torch.optim.Adam(groups, eps=1e-15, fused=True)
 
     # ----- the loop -------------------------------------------------------------------------------
     def run(self) -> None:
