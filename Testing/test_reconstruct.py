@@ -144,8 +144,12 @@ def test_plateau_rule_and_view_stream(knee):
     assert all(sorted(stream[12 * k:12 * (k + 1)]) == list(range(12)) for k in range(5))
     assert stream[:12] != stream[12:24]  # a fresh order each pass
     trainer.densified_until = 0
-    window = trainer.config.plateau_window
+    window = trainer.plateau_window_steps()  # whole passes of 3 steps, at least plateau_window steps
+    assert window % 3 == 0 and trainer.config.plateau_window <= window < trainer.config.plateau_window + 3
     trainer.loss_curve = [(i, 1.0) for i in range(2 * window)]
+    trainer.iteration = 2 * window - 1  # judged only where a pass ends
+    assert not trainer.plateaued()
+    trainer.iteration = 2 * window
     assert trainer.plateaued()
     trainer.config = dataclasses.replace(trainer.config, plateau_from=0.5)
     trainer.fraction = 0.4  # flat, but too early in the run to stop it
@@ -154,7 +158,8 @@ def test_plateau_rule_and_view_stream(knee):
     assert trainer.plateaued()
     trainer.loss_curve = [(i, 1.0 - 0.01 * (i >= window)) for i in range(2 * window)]  # still falling 1 %
     assert not trainer.plateaued()
-    trainer.loss_curve = [(i, 1.0) for i in range(2 * window - 1)]  # too short to judge
+    trainer.loss_curve = [(i, 1.0) for i in range(2 * window - 3)]  # too short to judge
+    trainer.iteration = 2 * window - 3
     assert not trainer.plateaued()
 
 

@@ -258,18 +258,26 @@ class GaussianTrainer:
 
     def plateaued(self) -> bool:
         """Whether the loss has stopped falling: since densification ended and from ``plateau_from`` of
-        the run on, the mean loss over the last window (two passes over the views, at least
-        ``plateau_window`` steps) is within ``plateau_tolerance`` of the window before. Single steps
-        are too noisy (one view each)."""
+        the run on, at the end of a pass over the views, the mean loss over the last window
+        (:meth:`plateau_window_steps`) is within ``plateau_tolerance`` of the window before. Single
+        steps are too noisy (one view each), and so is a window that holds some views more often
+        than others (the views' losses differ by far more than the tolerance): the windows are whole
+        passes, each view equally often."""
         if self.densified_until is None or self.fraction < self.config.plateau_from:
             return False
-        passes = 2 * self._pass_steps()
-        window = max(passes, self.config.plateau_window)
+        if self.iteration % self._pass_steps():
+            return False
+        window = self.plateau_window_steps()
         losses = [row[1] for row in self.loss_curve[self.densified_until:]]
         if len(losses) < 2 * window:
             return False
         recent, before = np.mean(losses[-window:]), np.mean(losses[-2 * window:-window])
         return bool(before - recent < self.config.plateau_tolerance * before)
+
+    def plateau_window_steps(self) -> int:
+        """Steps in a window of the plateau rule: whole passes, at least two and ``plateau_window`` steps."""
+        passes = max(2, math.ceil(self.config.plateau_window / self._pass_steps()))
+        return passes * self._pass_steps()
 
     def _project(self, rays, pose: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The view as the model sees it (Gaussians plus the outer volume) and the Gaussians' footprint radii."""
