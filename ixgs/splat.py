@@ -355,11 +355,12 @@ def render(model: GaussianModel, rays: ViewRays, pair_budget: int | None = None,
     # as much as the pairs do at 150k Gaussians); not with a pixel footprint, nor the table with a pose.
     fused = hasattr(module, "GaussianTable") and blur is None
     if fused:
-        lower, extent, radius = module.footprints(model, P, shape, sigmas)
+        means, scales = model.means, model.scales  # formed once for the boxes and the table
+        lower, extent, radius = module.footprints(means, scales, model._rotation, P, shape, sigmas)
     else:
         lower, extent, radius = footprints(model, P, shape, sigmas, blur)
     if fused and pose is None:
-        table = module.GaussianTable.apply(model.means, model.scales, model._rotation, model.densities, source)
+        table = module.GaussianTable.apply(means, scales, model._rotation, model.densities, source)
     else:
         table = gaussian_table(model, source, pose, blur)
     if module is not None:

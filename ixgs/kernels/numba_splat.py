@@ -255,11 +255,11 @@ def _footprints(means, scales, quaternions, projection_matrix, rows, cols, sigma
             radius[g] = largest
 
 
-def footprints(model, projection_matrix: torch.Tensor, shape: tuple[int, int],
-               sigmas: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`ixgs.splat.footprints` (no blur) in one pass per Gaussian, in float64: boxes and radii."""
-    with torch.no_grad():
-        means, scales, quaternions = arrays(model.means, model.scales, model._rotation)
+def footprints(means: torch.Tensor, scales: torch.Tensor, quaternions: torch.Tensor, projection_matrix: torch.Tensor,
+               shape: tuple[int, int], sigmas: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`ixgs.splat.footprints` (no blur) in one pass per Gaussian, in float64: boxes and radii of
+    the Gaussians with centres ``means`` (N, 3) mm, ``scales`` (N, 3) mm and ``quaternions`` (N, 4)."""
+    means, scales, quaternions = arrays(means, scales, quaternions)
     n = means.shape[0]
     lower, extent = np.empty((n, 2), np.int64), np.empty((n, 2), np.int64)
     radius = np.empty(n, means.dtype)
