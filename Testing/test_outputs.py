@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ import SimpleITK as sitk
 from conftest import ring_of_matrices
 
 from ixgs.geometry import Roi, project_points
-from ixgs.outputs import FIGURES, bone_label, coverage_map, coverage_summary, write_outputs
+from ixgs.outputs import FIGURES, bone_label, coverage_map, coverage_summary, estimated_write_s, write_outputs
 from ixgs.scan import read_scan, write_scan
 from ixgs.volume import Volume
 
@@ -67,6 +68,17 @@ def test_write_outputs_folder(ring_scan, tmp_path):
     assert json.loads((out / "report.json").read_text())["bone_threshold"] == pytest.approx(report["bone_threshold"])
     # Each figure (content checked in test_figures.py) and the page (test_report.py) is there.
     assert sorted(p.name for p in (out / "previews").iterdir()) == sorted(FIGURES)
+
+
+def test_the_write_estimate_covers_the_write(ring_scan, tmp_path):
+    """A time budget keeps back estimated_write_s for the outputs: it must cover what writing them
+    costs here (with the 1.25 margin the trainer adds), figures and all, and grow with what is written."""
+    volume = _volume(grid_mm=1.0)  # 80^3 voxels
+    files, previews = (estimated_write_s(volume.grid, False, drawn) for drawn in (False, True))
+    assert 0 < files < previews < estimated_write_s(volume.grid, True, True)
+    started = time.perf_counter()
+    write_outputs(tmp_path / "out", ring_scan, volume, {"elapsed_s": 1.0}, loss_curve=[(0, 1.0), (1, 0.5)])
+    assert time.perf_counter() - started <= 1.25 * estimated_write_s(volume.grid, False, True)
 
 
 def test_write_outputs_refuses_foreign_folder(ring_scan, tmp_path):

@@ -130,7 +130,8 @@ def _reconstruct_to_reserved_folder(scan_path: Path, out_dir: Path, settings, bo
     printer = _ProgressPrinter(progress_mode)
     read_warnings = len(scan.warnings)
     try:
-        result = reconstruct(scan, settings, progress=printer, cancel=_cancel_request)
+        result = reconstruct(scan, settings, progress=printer, cancel=_cancel_request,
+                             then_writes="previews" if previews else "files")
     finally:
         printer.close()
     _print_warnings(scan.warnings[read_warnings:])  # reconstruct's, about a given ROI

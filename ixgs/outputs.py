@@ -26,6 +26,14 @@ PREVIEWS = "previews"
 # What every reconstruction output holds besides its figures (previews/, report.html).
 OUTPUT_FILES = ("volume.nrrd", "bone.nrrd", "coverage.nrrd", "report.json")
 
+# What writing the outputs costs, in units of a small single-threaded compute probe (the outputs are
+# single-threaded numpy, SimpleITK and matplotlib work, so both slow down alike under load or on a
+# slower CPU). Measured on 2 cores at 128^3, the first write in a fresh process, probe 3.3-4.8 ms:
+# files 0.3-0.6 s, 3D metrics against a reference 1.6 s more, the figures and report.html 2.3-2.9 s.
+PROBES_PER_MVOXEL_FILES = 60.0
+PROBES_METRICS = 450.0
+PROBES_PREVIEWS = 800.0
+
 
 def bone_label(volume: Volume, threshold: float | None = None) -> tuple[Volume, float]:
     """Voxels above ``threshold`` (1/mm; Otsu's above air unless given) as a uint8 label map."""
@@ -37,6 +45,30 @@ def bone_label(volume: Volume, threshold: float | None = None) -> tuple[Volume, 
 def minimum_views(n_views: int) -> int:
     """Fewest views that constrain a voxel well enough to trust: half the scan, at least 2."""
     return max(2, math.ceil(n_views / 2))
+
+
+def write_probe_s() -> float:
+    """Seconds of the cost probe: a box filter over a 64^3 block, the fastest of three (so a page
+    fault or a one-off preemption does not count)."""
+    from scipy.ndimage import uniform_filter
+
+    block = np.random.default_rng(0).random((64, 64, 64), dtype=np.float32)
+    times = []
+    for _ in range(3):
+        started = time.perf_counter()
+        uniform_filter(block, 7)
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def estimated_write_s(grid: Grid, reference: bool, previews: bool) -> float:
+    """Seconds that :func:`write_outputs` will take for a volume on ``grid`` on this machine under its
+    current load, with the metrics when the scan has a ``reference`` and the figures with
+    ``previews``: the run keeps this much of its time budget back so that the command, outputs
+    included, ends within it."""
+    probes = PROBES_PER_MVOXEL_FILES * math.prod(grid.shape) / 1e6
+    probes += PROBES_METRICS * reference + PROBES_PREVIEWS * previews
+    return probes * write_probe_s()
 
 
 def coverage_map(scan: Scan, grid: Grid) -> Volume:

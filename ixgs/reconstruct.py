@@ -29,8 +29,9 @@ import torch
 
 from .gaussians import GaussianModel
 from .geometry import Grid, Roi, view_rays
-from .kernels.choice import KERNELS, resolve_kernel  # noqa: F401 (KERNELS: this module's API)
+from .kernels.choice import KERNELS, cpu_threads, resolve_kernel  # noqa: F401 (KERNELS: this module's API)
 from .metrics import psnr
+from .outputs import estimated_write_s
 from .projector import forward_project, sample_volume
 from .limits import check_memory, reconstruction_needs
 from .scan import Scan, check_roi, check_roi_seen
@@ -47,10 +48,10 @@ from .training.trainer import GaussianTrainer
 from .volume import Volume
 from .voxelize import voxelize
 
-OUTPUTS_PER_PROBE = 20.0
 METHODS = ("gaussian", "sart")
 INITS = ("random", "sart")
 DEVICES = ("auto", "cpu", "cuda")
+WRITES = ("nothing", "files", "previews")  # reconstruct(then_writes=...)
 
 
 @dataclass
@@ -210,11 +211,15 @@ def reconstruction_grid(scan: Scan, settings: ReconstructionSettings) -> Grid:
 
 def reconstruct(scan: Scan, settings: ReconstructionSettings | None = None,
                 progress: ProgressCallback | None = None, cancel: CancelFlag | None = None,
-                config: TrainingConfig | None = None) -> Reconstruction:
+                config: TrainingConfig | None = None, then_writes: str = "nothing") -> Reconstruction:
     """Reconstruct the scan's ROI. Raises :class:`ReconstructionCancelled` when ``cancel()`` is true.
 
     ``config``: the trainer's hyperparameters (default: :func:`~ixgs.training.config.default_config` of
-    the settings' start)."""
+    the settings' start). ``then_writes``: what the caller writes after this returns, within the same
+    time budget: "nothing", "files" or "previews" (:func:`~ixgs.outputs.write_outputs` without or with
+    its figures); the budget keeps back what writing it will cost."""
+    if then_writes not in WRITES:
+        raise ValueError(f"then_writes: must be one of {WRITES}, got {then_writes!r}")
     settings = settings or ReconstructionSettings()
     settings.validate()
     config = config or default_config(settings.init)
@@ -226,25 +231,22 @@ def reconstruct(scan: Scan, settings: ReconstructionSettings | None = None,
     grid = reconstruction_grid(scan, settings)
     check_sources_outside(scan, grid.padded(support_padding(grid, settings.support_factor)).roi)
     budget_s = effective_time_budget_s(settings.time_budget_s, settings.iterations, device.type)
-    threads = torch.get_num_threads()
-    if budget_s is not None and device.type == "cpu":  # iteration-limited runs keep theirs: repeatable
-        torch.set_num_threads(threads_for_load(threads))
-    try:
-        return _reconstruct(scan, settings, device, grid, budget_s, config, start, progress, cancel)
-    finally:
-        torch.set_num_threads(threads)
+    threads = None  # iteration-limited runs keep the threads they are given: repeatable
+    if budget_s is not None and device.type == "cpu":
+        threads = threads_for_load(torch.get_num_threads())
+    with cpu_threads(threads, resolve_kernel(settings.kernel, device)):
+        outputs_s = 0.0
+        if budget_s is not None and then_writes != "nothing":
+            outputs_s = estimated_write_s(grid, scan.reference_volume is not None, then_writes == "previews")
+        return _reconstruct(scan, settings, device, grid, budget_s, config, start, progress, cancel, outputs_s)
 
 
 def _reconstruct(scan: Scan, settings: ReconstructionSettings, device: torch.device, grid: Grid,
                  budget_s: float | None, config: TrainingConfig, start: float, progress: ProgressCallback | None,
-                 cancel: CancelFlag | None) -> Reconstruction:
+                 cancel: CancelFlag | None, outputs_s: float) -> Reconstruction:
     clock = Clock(start, budget_s, progress, cancel)
-    probe = time.perf_counter()
-    centers = torch.as_tensor(grid.voxel_centers(), dtype=torch.float32, device=device)
-    # Writing the outputs (coverage, metrics, previews) costs about this many times building the voxel
-    # centres, on this machine under its current load (measured at 128^3: 8-19 x).
-    outputs_s = OUTPUTS_PER_PROBE * (time.perf_counter() - probe)
     if settings.method == "sart":
+        centers = torch.as_tensor(grid.voxel_centers(), dtype=torch.float32, device=device)
         sart_grid = _sart_grid(scan, grid, settings.sart_factor)
         with clock.stage("sart"):
             values = run_sart(binned_views(scan, 1), sart_grid, settings.iterations or 2, device, clock, settings.seed,

@@ -7,6 +7,7 @@ system-wide or Slicer install) the cache goes to ``~/.cache/ixgs/numba``.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import warnings
@@ -38,6 +39,28 @@ def kernel_module(name: str, part: str = "splat"):
         except ImportError as error:  # not installed, or a broken install: torch still works
             _IMPORTED[key] = error
     return _IMPORTED[key]
+
+
+@contextlib.contextmanager
+def cpu_threads(threads: int | None, kernel: str):
+    """torch's CPU threads, and numba's when ``kernel`` is "numba", set to ``threads`` for the block,
+    then restored (None: left as they are). Setting both matters: each numba launch sets the calling
+    thread's OpenMP thread count to numba's own, which is also torch's, so a numba kernel undid
+    torch.set_num_threads."""
+    if threads is None:
+        yield
+        return
+    numba = importlib.import_module("numba") if kernel == "numba" else None
+    before = torch.get_num_threads(), numba.get_num_threads() if numba else None
+    torch.set_num_threads(threads)
+    if numba:
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before[0])
+        if numba:
+            numba.set_num_threads(before[1])
 
 
 def _why_not(name: str, device: torch.device) -> str | None:

@@ -97,14 +97,33 @@ def effective_time_budget_s(time_budget_s: float | None, iterations: int | None,
     return DEFAULT_TIME_BUDGET_S.get(device_type, DEFAULT_TIME_BUDGET_S["cpu"])
 
 
+def busy_cores(sample_s: float = 0.2) -> float:
+    """Cores busy right now (with other processes, when this one waits): the kernel's CPU counters
+    sampled ``sample_s`` apart; where there are none (not Linux), the load average over the last
+    minute, which lags: a run started just after another CPU-heavy one would see the cores as taken."""
+    def counters() -> tuple[int, int]:
+        with open("/proc/stat") as stat:
+            fields = [int(value) for value in stat.readline().split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # all, idle + waiting for I/O
+
+    cores = os.cpu_count() or 1
+    try:
+        total, idle = counters()
+        time.sleep(sample_s)
+        total_after, idle_after = counters()
+    except (OSError, ValueError, IndexError):
+        try:
+            return float(os.getloadavg()[0])
+        except OSError:  # not on every platform
+            return 0.0
+    elapsed = max(total_after - total, 1)
+    return cores * (1.0 - (idle_after - idle) / elapsed)
+
+
 def threads_for_load(threads: int) -> int:
     """CPU threads worth using now: ``threads``, at most the cores that other processes leave free
-    (by the load average over the last minute), at least 1. OpenMP threads that share a core with
-    another process wait at every barrier: on 2 cores with one taken, 2 threads made the final
-    voxelization many times slower than 1 (the README's demo ran 613 s of a 150 s budget)."""
-    try:
-        load = os.getloadavg()[0]
-    except OSError:  # not on every platform
-        return threads
+    (:func:`busy_cores`), at least 1. OpenMP threads that share a core with another process wait at
+    every barrier: on 2 cores with one taken, 2 threads made the final voxelization many times slower
+    than 1 (the README's demo ran 613 s of a 150 s budget)."""
     cores = os.cpu_count() or threads
-    return max(1, min(threads, int(cores - load + 0.5)))
+    return max(1, min(threads, int(cores - busy_cores() + 0.5)))
