@@ -7,6 +7,7 @@ support begins: one owner per region.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..geometry import Grid, Roi
@@ -30,12 +31,19 @@ class OuterVolume(nn.Module):
         """(nz, ny, nx) 1/mm, zero inside the support."""
         return self.values * self.mask
 
-    def project(self, rays, pose: torch.Tensor | None = None, kernel: str = "torch") -> torch.Tensor:
+    def project(self, rays, pose: torch.Tensor | None = None, kernel: str = "torch", upsample: int = 1,
+                shape: tuple[int, int] | None = None) -> torch.Tensor:
         """Line integrals through the outer volume along ``rays`` (moved by the view's ``pose``), by the
-        ray marcher of ``kernel`` (:mod:`ixgs.kernels.choice`)."""
+        ray marcher of ``kernel`` (:mod:`ixgs.kernels.choice`). With ``upsample``: ``rays`` are of the
+        view binned that many times (:func:`~ixgs.geometry.binning_matrix`), and the image is
+        interpolated bilinearly to the view's ``shape`` (pixel centres kept exact)."""
         if pose is not None:
             rays = transform_rays(rays, pose)
-        return forward_project(self.attenuation(), self.grid, rays, kernel=kernel)
+        image = forward_project(self.attenuation(), self.grid, rays, kernel=kernel)
+        if upsample == 1:
+            return image
+        image = F.interpolate(image[None, None], scale_factor=upsample, mode="bilinear", align_corners=False)
+        return image[0, 0, :shape[0], :shape[1]]
 
     @torch.no_grad()
     def clamp_(self) -> None:

@@ -1,6 +1,7 @@
 """Resolution levels (binned views, coarse to fine) and the schedules that follow the run's progress."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,11 +15,15 @@ from .config import TrainingConfig
 
 @dataclass
 class Level:
-    """The views at one resolution: binned images and their rays."""
+    """The views at one resolution: binned images and their rays, and the rays the outer volume is
+    projected along (binned ``outer_binning`` x further, the image then upsampled: its cells span
+    several pixels)."""
 
     factor: int
     images: list[torch.Tensor]
     rays: list
+    outer_rays: list
+    outer_binning: int = 1
 
 
 def binned(image: np.ndarray, factor: int) -> np.ndarray:
@@ -42,8 +47,14 @@ def resolution_levels(scan: Scan, config: TrainingConfig, device: torch.device) 
     levels = []
     for factor in reversed(factors):
         views = binned_views(scan, factor)
+        rays = [view_rays(matrix, image.shape, device=device) for image, matrix in views]
+        # Binned further only while the outer image keeps min_level_pixels (coarse levels stay as they are).
+        outer = config.outer_binning if smallest // (factor * config.outer_binning) >= config.min_level_pixels else 1
+        outer_rays = rays if outer == 1 else [
+            view_rays(binning_matrix(outer) @ matrix, tuple(math.ceil(n / outer) for n in image.shape), device=device)
+            for image, matrix in views]
         levels.append(Level(factor, [torch.as_tensor(image, dtype=torch.float32, device=device) for image, _ in views],
-                            [view_rays(matrix, image.shape, device=device) for image, matrix in views]))
+                            rays, outer_rays, outer))
     return levels
 
 

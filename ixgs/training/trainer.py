@@ -28,7 +28,7 @@ from .grids import OUTER_FACTOR, support_padding, surrounding_box
 from .held_out import HeldOutViews, held_out_indices
 from .initialisation import random_start, sart_start
 from .outer_volume import OuterVolume
-from .schedule import Schedule, resolution_levels
+from .schedule import Level, Schedule, resolution_levels
 
 
 class GaussianTrainer:
@@ -149,7 +149,7 @@ class GaussianTrainer:
             rendering = time.perf_counter()
             for view in views:
                 pose = self._pose(view) if fraction >= config.pose_from else None
-                rendered, radii = self._project(level.rays[view], pose)
+                rendered, radii = self._project(level, view, pose)
                 loss = loss + projection_loss(rendered, level.images[view], config.dssim_weight) / len(views)
                 visible |= radii > 0
             self._measure(self.pixel_seconds, time.perf_counter() - rendering,
@@ -191,7 +191,7 @@ class GaussianTrainer:
     def _measure_held_out(self, keep_best: bool) -> None:
         """Mean L1 of the held-out views at full resolution (their poses are not learned: none)."""
         level = self.levels[-1]
-        errors = [(self._project(level.rays[i], None)[0] - level.images[i]).abs().mean() for i in self.held_out.indices]
+        errors = [(self._project(level, i, None)[0] - level.images[i]).abs().mean() for i in self.held_out.indices]
         self.held_out.record(self.iteration, float(torch.stack(errors).mean()), self.model, self.outer, keep_best)
 
     def _return_best_held_out_state(self) -> None:
@@ -279,12 +279,15 @@ class GaussianTrainer:
         passes = max(2, math.ceil(self.config.plateau_window / self._pass_steps()))
         return passes * self._pass_steps()
 
-    def _project(self, rays, pose: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The view as the model sees it (Gaussians plus the outer volume) and the Gaussians' footprint radii."""
-        image, radii = render(self.model, rays, return_radii=True, pose=pose, memory_budget=self.memory_budget,
-                              compile=self.settings.compile, kernel=self.settings.kernel,
-                              pixel_footprint=self.config.pixel_footprint)
-        return image + self.outer.project(rays, pose, kernel=self.settings.kernel), radii
+    def _project(self, level: Level, view: int, pose: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """View ``view`` at ``level`` as the model sees it (Gaussians plus the outer volume) and the
+        Gaussians' footprint radii."""
+        image, radii = render(self.model, level.rays[view], return_radii=True, pose=pose,
+                              memory_budget=self.memory_budget, compile=self.settings.compile,
+                              kernel=self.settings.kernel, pixel_footprint=self.config.pixel_footprint)
+        outer = self.outer.project(level.outer_rays[view], pose, kernel=self.settings.kernel,
+                                   upsample=level.outer_binning, shape=tuple(image.shape))
+        return image + outer, radii
 
     def _pose(self, index: int) -> torch.Tensor | None:
         """View ``index``'s learned rigid correction (4, 4), or None without pose refinement."""
@@ -293,8 +296,7 @@ class GaussianTrainer:
     @torch.no_grad()
     def reprojections(self, indices: list[int]) -> dict[int, torch.Tensor]:
         """Views ``indices`` at full resolution as the model (with the outer volume) sees them."""
-        rays = self.levels[-1].rays
-        return {index: self._project(rays[index], self._pose(index))[0] for index in indices}
+        return {index: self._project(self.levels[-1], index, self._pose(index))[0] for index in indices}
 
     def pose_report(self) -> list[dict]:
         """Per view: name, correction and corrected projection matrix; empty without refinement."""
